@@ -1,0 +1,31 @@
+# Two entry points that must work on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow benchmark clean
+
+# The venv is rebuilt whenever pyproject.toml changes (the stamp file records the last install).
+$(VENV): $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)
+	$(BIN)/python -m glip_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+test: $(VENV)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(VENV)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+benchmark: $(VENV)
+	$(BIN)/python tools/benchmark.py --config=configs/demo.py
+
+clean:
+	rm -rf $(VENV) runs *.egg-info
