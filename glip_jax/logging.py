@@ -1,0 +1,319 @@
+"""Metric writers: CLU's writer interface without TensorFlow, plus a JSONL file.
+
+Why this module exists: `clu.metric_writers` (and `clu.periodic_actions`, which
+imports it) imports `clu/metric_writers/summary_writer.py`, which imports
+TensorFlow; we do not install TensorFlow. Before importing them we register a
+module under that name whose `SummaryWriter` writes TensorBoard event files with
+tensorboardX. It is the only clu module that needs TF (the rest of
+`clu.metric_writers`, `clu.periodic_actions`, `clu.profiler` and `clu.platform`
+need only jax/absl/etils). Everything in glip_jax that wants clu writers or
+periodic actions imports them from here:
+
+  from glip_jax.logging import metric_writers, periodic_actions
+
+`create_writer` builds the per-job writer: TensorBoard events + `metrics.jsonl` +
+absl logging on process 0, absl logging only on other processes.
+
+Resume: a run killed after its last checkpoint has written metrics for steps
+that the resumed run will compute again. `create_writer(..., resume_step=s)`
+removes lines with step > s from `metrics.jsonl` (so the file ends up equal to
+that of an uninterrupted run) and starts the event file with a TensorBoard
+"purge" marker at s + 1, so TensorBoard drops the stale events of the old run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import types
+from collections.abc import Mapping
+from typing import Any
+
+from absl import logging
+import numpy as np
+import tensorboardX
+from tensorboardX import summary as tbx_summary
+
+
+class SummaryWriter:
+  """TF-free clu `MetricWriter` writing TensorBoard event files via tensorboardX.
+
+  Registered below as a virtual subclass of `clu.metric_writers.MetricWriter`
+  (it cannot inherit from it: importing the interface imports
+  `clu.metric_writers`, which needs this class first). Every method of that
+  interface is abstract, so nothing is lost.
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None = None):
+    # tensorboardX names event files by whole seconds and opens them with
+    # "wb": a second writer in the same second would clobber the first. The
+    # zero-padded nanoseconds keep names unique and in time order.
+    # flush_secs bounds how stale the event file can be after a kill -9.
+    self._writer = tensorboardX.SummaryWriter(
+        logdir=logdir, purge_step=purge_step, flush_secs=30,
+        filename_suffix=f".{time.time_ns() % 10**9:09d}")
+
+  def write_summaries(self, step: int, values: Mapping[str, Any],
+                      metadata: Mapping[str, Any] | None = None):
+    del step, values, metadata
+    logging.log_first_n(logging.WARNING,
+                        "SummaryWriter (tensorboardX) ignores raw summaries.", 1)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    for key, value in scalars.items():
+      self._writer.add_scalar(key, float(value), global_step=step)
+
+  def write_images(self, step: int, images: Mapping[str, Any]):
+    # clu images are [H, W, C] or [N, H, W, C], uint8 or float in [0, 1].
+    for key, value in images.items():
+      value = np.asarray(value)
+      if value.ndim == 3:
+        value = value[None]
+      self._writer.add_images(key, value, global_step=step, dataformats="NHWC")
+
+  def write_videos(self, step: int, videos: Mapping[str, Any]):
+    del step, videos
+    logging.log_first_n(logging.WARNING,
+                        "SummaryWriter (tensorboardX) ignores videos.", 1)
+
+  def write_audios(self, step: int, audios: Mapping[str, Any], *,
+                   sample_rate: int):
+    del step, audios, sample_rate
+    logging.log_first_n(logging.WARNING,
+                        "SummaryWriter (tensorboardX) ignores audios.", 1)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    for key, value in texts.items():
+      self._writer.add_text(key, value, global_step=step)
+
+  def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                       num_buckets: Mapping[str, int] | None = None):
+    for key, value in arrays.items():
+      buckets = (num_buckets or {}).get(key)
+      self._writer.add_histogram(key, np.asarray(value), global_step=step,
+                                 bins=buckets or "tensorflow")
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    # tensorboardX's add_hparams writes into a new timestamped sub-run; write
+    # the hparams summaries into this run's event file instead.
+    flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+            for k, v in _flatten(hparams).items()}
+    for s in tbx_summary.hparams(flat, {}):
+      self._writer.file_writer.add_summary(s)
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+def _register_tf_free_summary_writer():
+  """Makes `import clu.metric_writers` resolve `summary_writer` to ours."""
+  name = "clu.metric_writers.summary_writer"
+  if name in sys.modules:  # Already imported (TF installed, or ours): keep it.
+    return
+  module = types.ModuleType(name, "TF-free stand-in registered by glip_jax.logging.")
+  module.SummaryWriter = SummaryWriter
+  sys.modules[name] = module
+
+
+_register_tf_free_summary_writer()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from clu import metric_writers  # noqa: E402
+from clu import periodic_actions  # noqa: E402
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+metric_writers.MetricWriter.register(SummaryWriter)
+
+METRICS_FILENAME = "metrics.jsonl"
+
+
+class JsonlWriter:
+  """clu `MetricWriter` appending one JSON object per step to a file.
+
+  Scalars written for the same step by consecutive calls (e.g. train metrics,
+  then ReportProgress's `steps_per_sec`, then `uptime`) are merged into one
+  line: the line for step s is written when scalars for another step arrive,
+  or on `flush()`/`close()`. A step can still get two lines (scalars for s
+  written after a flush, or after a later step); `read_metrics_jsonl` merges
+  them, later values winning. Non-scalar data is not written here (TensorBoard
+  and the log have it). Non-finite values are written as NaN/Infinity, which
+  Python's json reads back.
+  """
+
+  def __init__(self, path: str):
+    self._path = path
+    # Append: a resumed job continues the file (see `truncate_after`).
+    self._file = open(path, "a", encoding="utf-8")
+    self._step: int | None = None
+    self._pending: dict[str, float] = {}
+
+  def _write_pending(self):
+    if self._pending:
+      line = json.dumps({"step": self._step, **self._pending})
+      self._file.write(line + "\n")
+    self._pending = {}
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    if step != self._step:
+      self._write_pending()
+      self._step = int(step)
+    self._pending.update({k: _to_json_number(v) for k, v in scalars.items()})
+
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    self._write_pending()
+    self._file.flush()
+
+  def close(self):
+    self.flush()
+    self._file.close()
+
+
+metric_writers.MetricWriter.register(JsonlWriter)
+
+
+def _to_json_number(value: Any) -> float | int:
+  value = np.asarray(value)
+  if value.size != 1:
+    raise ValueError(f"Scalar expected, got shape {value.shape}.")
+  value = value.item()
+  return value if isinstance(value, int) and not isinstance(value, bool) else float(value)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _parse_lines(path: str) -> list[dict[str, Any]]:
+  """Parsed lines; a torn last line (killed mid-write) is dropped."""
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        logging.warning("Skipping unparsable line in %s: %r", path, line[:80])
+  return records
+
+
+def truncate_after(path: str, step: int) -> None:
+  """Drops lines of a metrics.jsonl with step > `step` (call on resume)."""
+  if not os.path.exists(path):
+    return
+  kept = [r for r in _parse_lines(path) if r.get("step", -1) <= step]
+  # Write-then-rename so a kill during truncation cannot lose the file.
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+  os.replace(tmp, path)
+
+
+def read_metrics_jsonl(path: str) -> list[dict[str, Any]]:
+  """Reads metrics.jsonl as one dict per step, in step order, lines merged."""
+  by_step: dict[int, dict[str, Any]] = {}
+  for record in _parse_lines(path):
+    by_step.setdefault(record["step"], {}).update(record)
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def create_writer(workdir: str, *, just_logging: bool,
+                  resume_step: int | None = None) -> metric_writers.MultiWriter:
+  """TensorBoard + metrics.jsonl + log writer (log only if `just_logging`)."""
+  if just_logging:  # Processes > 0: all processes see the same metrics.
+    return metric_writers.MultiWriter([metric_writers.LoggingWriter()])
+  os.makedirs(workdir, exist_ok=True)
+  jsonl_path = os.path.join(workdir, METRICS_FILENAME)
+  purge_step = None
+  if resume_step is not None:
+    truncate_after(jsonl_path, resume_step)
+    purge_step = resume_step + 1
+  return metric_writers.MultiWriter([
+      SummaryWriter(workdir, purge_step=purge_step),
+      JsonlWriter(jsonl_path),
+      metric_writers.LoggingWriter(),
+  ])
+
+
+# Peak dense bf16 FLOP/s per device (vendor datasheets, without sparsity),
+# matched against `jax.Device.device_kind` (lower-cased) by substring, first
+# match wins: more specific patterns come first.
+_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("tpu v6 lite", 918e12),  # v6e (Trillium)
+    ("tpu v6e", 918e12),
+    ("tpu v5 lite", 197e12),  # v5e
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),  # v5p reports "TPU v5"
+    ("tpu v4", 275e12),
+    ("tpu v3", 123e12),
+    ("tpu v2", 45e12),
+    ("h100 pcie", 756e12),
+    ("h100 nvl", 835e12),
+    ("gh200", 989e12),
+    ("h200", 989e12),
+    ("h100", 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("h800", 989e12),
+    ("b200", 2250e12),
+    ("a100", 312e12),
+    ("a800", 312e12),
+    ("l40s", 362e12),
+    ("l4", 121e12),
+)
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+  """Peak dense bf16 FLOP/s of one device of this kind; None if unknown (CPU)."""
+  kind = device_kind.lower()
+  for pattern, flops in _PEAK_BF16_FLOPS:
+    if pattern in kind:
+      return flops
+  return None
+
+
+def throughput_metrics(examples: int, seconds: float,
+                       flops_per_example: float | None, num_devices: int,
+                       device_kind: str) -> dict[str, float]:
+  """examples/s (total, per device), TFLOP/s per device and MFU (if known)."""
+  per_s = examples / seconds
+  out = {
+      "examples_per_s": per_s,
+      "examples_per_s_per_device": per_s / num_devices,
+  }
+  if flops_per_example is not None:
+    flops_per_device = per_s * flops_per_example / num_devices
+    out["tflops_per_s_per_device"] = flops_per_device / 1e12
+    peak = peak_flops_per_device(device_kind)
+    if peak is not None:
+      out["mfu"] = flops_per_device / peak
+  return out

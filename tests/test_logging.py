@@ -1,0 +1,150 @@
+"""Tests for glip_jax.logging: TF-free TensorBoard writer, metrics.jsonl, MFU."""
+import glob
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from glip_jax import logging as glog
+
+
+def _read_events(logdir):
+  """All Event protos of the event files in `logdir` (TFRecord framing)."""
+  events = []
+  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      # uint64 length, uint32 masked crc of length, payload, uint32 crc.
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      payload = data[pos + 12:pos + 12 + length]
+      pos += 12 + length + 4
+      events.append(event_pb2.Event.FromString(payload))
+  return events
+
+
+def _scalars(events):
+  return {(v.tag, e.step): v.simple_value
+          for e in events for v in e.summary.value if v.HasField("simple_value")}
+
+
+def test_no_tensorflow_and_clu_importable():
+  assert "tensorflow" not in sys.modules
+  assert issubclass(glog.SummaryWriter, glog.metric_writers.MetricWriter)
+  assert glog.metric_writers.SummaryWriter is glog.SummaryWriter
+  assert hasattr(glog.periodic_actions, "ReportProgress")
+
+
+def test_tensorboard_event_file_and_jsonl(tmp_path):
+  workdir = str(tmp_path)
+  writer = glog.create_writer(workdir, just_logging=False)
+  writer.write_hparams({"optim": {"lr": 1e-3}, "name": "demo"})
+  writer.write_scalars(1, {"loss": 2.5})
+  writer.write_scalars(1, {"lr": np.float32(0.5)})  # Same step: merged.
+  writer.write_scalars(2, {"loss": 2.0, "step_count": 2})
+  writer.write_texts(2, {"note": "hello"})
+  writer.flush()
+  writer.close()
+
+  scalars = _scalars(_read_events(workdir))
+  assert scalars == {("loss", 1): 2.5, ("lr", 1): 0.5, ("loss", 2): 2.0,
+                     ("step_count", 2): 2.0}
+
+  path = os.path.join(workdir, glog.METRICS_FILENAME)
+  with open(path) as f:
+    lines = [json.loads(line) for line in f]
+  assert lines == [{"step": 1, "loss": 2.5, "lr": 0.5},
+                   {"step": 2, "loss": 2.0, "step_count": 2}]
+  assert glog.read_metrics_jsonl(path) == lines
+
+
+def test_read_merges_lines_of_same_step(tmp_path):
+  path = str(tmp_path / "m.jsonl")
+  with open(path, "w") as f:
+    f.write('{"step": 2, "a": 1}\n{"step": 1, "a": 0}\n{"step": 2, "b": 3}\n'
+            '{"step": 3, "a"')  # Torn last line from a kill mid-write.
+  assert glog.read_metrics_jsonl(path) == [{"step": 1, "a": 0},
+                                           {"step": 2, "a": 1, "b": 3}]
+
+
+def test_resume_truncates_and_purges(tmp_path):
+  workdir = str(tmp_path)
+  path = os.path.join(workdir, glog.METRICS_FILENAME)
+  writer = glog.create_writer(workdir, just_logging=False)
+  for step in range(1, 6):
+    writer.write_scalars(step, {"loss": 10.0 - step})
+  writer.close()
+
+  # Killed after step 5, last checkpoint at step 3: steps 4, 5 are redone.
+  writer = glog.create_writer(workdir, just_logging=False, resume_step=3)
+  assert [r["step"] for r in glog.read_metrics_jsonl(path)] == [1, 2, 3]
+  for step in (4, 5):
+    writer.write_scalars(step, {"loss": 20.0 - step})
+  writer.close()
+
+  with open(path) as f:
+    lines = [json.loads(line) for line in f]
+  assert [(r["step"], r["loss"]) for r in lines] == [
+      (1, 9.0), (2, 8.0), (3, 7.0), (4, 16.0), (5, 15.0)]
+  events = _read_events(workdir)
+  assert _scalars(events)[("loss", 5)] in (5.0, 15.0)  # Both runs' files kept.
+  assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == 2
+  # TensorBoard drops events with step >= 4 of the earlier run on this marker.
+  starts = [e.step for e in events
+            if e.HasField("session_log")
+            and e.session_log.status == event_pb2.SessionLog.START]
+  assert starts == [4]
+
+
+def test_just_logging_writes_no_files(tmp_path):
+  workdir = str(tmp_path / "work")
+  writer = glog.create_writer(workdir, just_logging=True)
+  writer.write_scalars(1, {"loss": 1.0})
+  writer.flush()
+  writer.close()
+  assert not os.path.exists(workdir)
+
+
+def test_report_progress_ticks(tmp_path):
+  writer = glog.create_writer(str(tmp_path), just_logging=False)
+  report = glog.periodic_actions.ReportProgress(
+      num_train_steps=6, writer=writer, every_steps=2, every_secs=None)
+  triggered = [report(step, t=float(step) * 0.5) for step in range(1, 7)]
+  with report.timed("eval", wait_jax_async_dispatch=False):
+    pass
+  writer.close()
+  assert triggered == [False, True, False, True, False, True]
+  records = glog.read_metrics_jsonl(str(tmp_path / glog.METRICS_FILENAME))
+  assert [r["step"] for r in records] == [2, 4, 6]
+  assert records[0]["steps_per_sec"] == pytest.approx(2.0)
+  assert "uptime" in records[0]  # Second write_scalars call, merged.
+
+
+def test_peak_flops_lookup():
+  assert glog.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+  assert glog.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+  assert glog.peak_flops_per_device("NVIDIA H200") == 989e12
+  assert glog.peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12
+  assert glog.peak_flops_per_device("NVIDIA L4") == 121e12
+  assert glog.peak_flops_per_device("NVIDIA L40S") == 362e12
+  assert glog.peak_flops_per_device("TPU v4") == 275e12
+  assert glog.peak_flops_per_device("TPU v5 lite") == 197e12
+  assert glog.peak_flops_per_device("TPU v5") == 459e12
+  assert glog.peak_flops_per_device("TPU v6 lite") == 918e12
+  assert glog.peak_flops_per_device("cpu") is None
+
+
+def test_throughput_metrics():
+  m = glog.throughput_metrics(examples=1024, seconds=2.0, flops_per_example=1e12,
+                              num_devices=8, device_kind="TPU v4")
+  assert m["examples_per_s"] == 512
+  assert m["examples_per_s_per_device"] == 64
+  assert m["tflops_per_s_per_device"] == pytest.approx(64.0)
+  assert m["mfu"] == pytest.approx(64e12 / 275e12)
+  m = glog.throughput_metrics(1024, 2.0, 1e12, 8, "cpu")
+  assert "mfu" not in m and "tflops_per_s_per_device" in m
