@@ -1,0 +1,221 @@
+"""Checkpoints: Orbax CheckpointManager over train state, data iterator, config.
+
+A checkpoint step directory holds three items:
+  state/   the train state pytree (jax Arrays; StandardSave/StandardRestore),
+  data/    the Grain DatasetIterator position, one file per process,
+  config/  the config as JSON (for humans, the watcher and tuning jobs).
+
+Saving is asynchronous: `save` returns once the arrays are copied to host, and
+Orbax writes into a temporary directory that is renamed (or, on object stores,
+marked with commit_success.txt) when complete, so a job killed mid-save leaves
+no directory that `latest_step`/`all_steps` would report. Restoring state and
+iterator together resumes exactly: the next batches and the next step are those
+an uninterrupted run would have seen. See docs/checkpointing.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+from absl import logging
+from etils import epath
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+STATE, DATA, CONFIG = "state", "data", "config"
+
+
+def create_manager(directory: str | os.PathLike[str], *, save_every: int,
+                   keep: int | None, keep_every: int | None = None,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """Async manager saving every `save_every` steps, keeping last `keep` + every `keep_every`-th."""
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=save_every,
+      max_to_keep=keep,
+      # Steps that are multiples of keep_period are never deleted.
+      keep_period=keep_every,
+      enable_async_checkpointing=True,
+      # Leftovers of a save killed before it committed; never read either way.
+      cleanup_tmp_directories=not read_only,
+      create=not read_only,
+      read_only=read_only,
+  )
+  # Explicit handlers, so a manager that has not saved yet (a resumed job or a
+  # read-only one) can restore any item without being told the args first.
+  return ocp.CheckpointManager(
+      epath.Path(directory),
+      options=options,
+      item_handlers={
+          STATE: ocp.StandardCheckpointHandler(),
+          DATA: grain.checkpoint.CheckpointHandler(),
+          CONFIG: ocp.JsonCheckpointHandler(),
+      },
+  )
+
+
+def _config_to_json(config: Any) -> dict[str, Any]:
+  if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
+    config = config.to_dict()
+  # Round trip through text: values JSON cannot hold (dtypes, callables) become
+  # strings here rather than failing later in the background save thread.
+  return json.loads(json.dumps(config, default=str))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: PyTree,
+         data_iterator: grain.DatasetIterator | None, config: Any,
+         force: bool = False) -> bool:
+  """Saves (asynchronously) if the policy says so or `force`; True if saving."""
+  items = {
+      STATE: ocp.args.StandardSave(state),
+      CONFIG: ocp.args.JsonSave(_config_to_json(config)),
+  }
+  if data_iterator is not None:
+    items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def latest_step(manager: ocp.CheckpointManager) -> int | None:
+  """Latest complete checkpoint step, or None."""
+  return manager.latest_step()
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree,
+            data_iterator: grain.DatasetIterator | None = None) -> PyTree:
+  """Restores state onto `abstract_state`'s shardings; the iterator in place."""
+  # abstract_state leaves are jax.ShapeDtypeStruct(shape, dtype, sharding=...):
+  # arrays are read straight into those shardings, whatever mesh saved them.
+  items = {STATE: ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored[STATE]
+
+
+def abstract_like(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
+  """ShapeDtypeStructs of `tree` with `shardings` (default: the arrays' own)."""
+  if shardings is None:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        tree)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
+
+
+def is_complete(step_dir: str | os.PathLike[str]) -> bool:
+  """Whether a step directory is a committed (finalized) checkpoint."""
+  path = epath.Path(step_dir)
+  return (path.name.isdigit() and path.is_dir()
+          and ocp.step.is_path_finalized(path))
+
+
+def all_steps(directory: str | os.PathLike[str]) -> list[int]:
+  """Sorted complete checkpoint steps; read-only, safe from another process."""
+  path = epath.Path(directory)
+  if not path.exists():
+    return []
+  steps = []
+  for step_dir in path.iterdir():
+    try:
+      if is_complete(step_dir):
+        steps.append(int(step_dir.name))
+    except (FileNotFoundError, OSError):  # Deleted by retention meanwhile.
+      continue
+  return sorted(steps)
+
+
+def _step_dir(path: str | os.PathLike[str], step: int | None) -> epath.Path:
+  """Finds the step directory from a step dir, checkpoint dir or workdir."""
+  path = epath.Path(path)
+  if (path / STATE).exists() and step is None:
+    return path
+  for directory in (path, path / "checkpoints"):
+    steps = all_steps(directory)
+    if steps:
+      chosen = steps[-1] if step is None else step
+      if chosen not in steps:
+        raise FileNotFoundError(
+            f"No complete checkpoint for step {chosen} in {directory}; "
+            f"have {steps}.")
+      return directory / str(chosen)
+  raise FileNotFoundError(f"No complete checkpoint found under {path}.")
+
+
+def restore_subtrees(path: str | os.PathLike[str],
+                     abstract_subtrees: Mapping[str, PyTree],
+                     step: int | None = None) -> dict[str, PyTree]:
+  """Restores only the named top-level subtrees of a checkpoint's state."""
+  step_dir = _step_dir(path, step)
+  target = dict(abstract_subtrees)
+  # partial_restore reads only the leaves present in `target`; the rest of the
+  # saved state (e.g. a large optimizer state) is never loaded. Top-level keys
+  # match dict keys or dataclass/struct field names of the saved state.
+  args = ocp.args.PyTreeRestore(
+      item=target,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True,
+  )
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(step_dir / STATE, args=args)
+
+
+def restore_params_from(path: str | os.PathLike[str], abstract_params: PyTree,
+                        step: int | None = None, *, key: str = "params") -> PyTree:
+  """Restores `state[key]` (the params) from a step dir, checkpoint dir or workdir."""
+  return restore_subtrees(path, {key: abstract_params}, step)[key]
+
+
+def load_config(path: str | os.PathLike[str], step: int | None = None) -> dict[str, Any]:
+  """The config dict saved with a checkpoint (step dir, checkpoint dir or workdir)."""
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(_step_dir(path, step) / CONFIG,
+                                args=ocp.args.JsonRestore())
+
+
+@dataclasses.dataclass
+class PreemptionFlag:
+  """Set by SIGTERM; the trainer saves and exits cleanly when it is set."""
+  requested: bool = False
+  _previous_handler: Any = None
+  _installed: bool = False
+
+  def uninstall(self) -> None:
+    """Puts back the SIGTERM handler that was there before."""
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._installed = False
+
+
+def install_sigterm_handler() -> PreemptionFlag:
+  """Single process: a SIGTERM handler setting the returned flag (call after jax.distributed.initialize)."""
+  flag = PreemptionFlag()
+  if jax.process_count() > 1:
+    # Processes would see SIGTERM at different steps and save different steps.
+    # JAX's preemption service (started by jax.distributed.initialize) owns
+    # SIGTERM and agrees on one step for all: see `should_stop`.
+    logging.info("Multi-process job: SIGTERM left to JAX's preemption service.")
+    return flag
+
+  def handler(signum, frame):
+    del frame
+    # Only set a flag: the step in flight finishes, then the loop saves.
+    logging.warning("Received signal %d: will save and stop.", signum)
+    flag.requested = True
+
+  flag._previous_handler = signal.signal(signal.SIGTERM, handler)  # pylint: disable=protected-access
+  flag._installed = True  # pylint: disable=protected-access
+  return flag
+
+
+def should_stop(flag: PreemptionFlag, manager: ocp.CheckpointManager,
+                step: int) -> bool:
+  """Whether to save at `step` and exit: local SIGTERM or a JAX preemption sync point."""
+  return flag.requested or manager.reached_preemption(step)

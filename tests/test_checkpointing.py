@@ -1,0 +1,195 @@
+"""Tests for glip_jax.checkpointing on the 8 fake CPU devices."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import flax.struct
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from glip_jax import checkpointing as ck
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def _iterator():
+  return iter(grain.MapDataset.range(100).shuffle(seed=0).batch(4)
+              .to_iter_dataset())
+
+
+@pytest.fixture(scope="module")
+def mesh8():
+  return jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+
+
+@pytest.fixture(scope="module")
+def mesh42():
+  return jax.make_mesh((4, 2), ("a", "b"), axis_types=(AxisType.Explicit,) * 2)
+
+
+@pytest.fixture(scope="module")
+def state(mesh8):
+  params = {
+      "w": jax.device_put(jnp.arange(256.0).reshape(32, 8),
+                          NamedSharding(mesh8, P("data"))),
+      "b": jax.device_put(jnp.arange(8.0), NamedSharding(mesh8, P())),
+  }
+  return TrainState(step=jnp.array(7, jnp.int32), params=params,
+                    opt_state=optax.adamw(1e-3).init(params))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, state):
+  """A workdir with checkpoints/2 holding `state` and an iterator 2 batches in."""
+  workdir = tmp_path_factory.mktemp("workdir")
+  directory = workdir / "checkpoints"
+  iterator = _iterator()
+  next(iterator), next(iterator)
+  manager = ck.create_manager(directory, save_every=1, keep=3)
+  assert ck.save(manager, 2, state, iterator, {"model": {"width": 8}})
+  manager.wait_until_finished()
+  manager.close()
+  expected_batches = [next(iterator) for _ in range(3)]
+  return workdir, directory, expected_batches
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+
+
+def test_round_trip_state_and_iterator(saved, state):
+  _, directory, expected_batches = saved
+  manager = ck.create_manager(directory, save_every=1, keep=3)
+  assert ck.latest_step(manager) == 2
+  iterator = _iterator()
+  restored = ck.restore(manager, 2, ck.abstract_like(state), iterator)
+  _assert_trees_equal(restored, state)
+  assert restored.params["w"].sharding == state.params["w"].sharding
+  for expected in expected_batches:
+    np.testing.assert_array_equal(next(iterator), expected)
+  assert ck.load_config(directory) == {"model": {"width": 8}}
+
+
+def test_restore_onto_different_mesh(saved, state, mesh42):
+  _, directory, _ = saved
+  manager = ck.create_manager(directory, save_every=1, keep=3)
+  shardings = jax.tree.map(lambda x: NamedSharding(mesh42, P()), state)
+  shardings = shardings.replace(params={
+      "w": NamedSharding(mesh42, P("a", "b")),
+      "b": jax.sharding.SingleDeviceSharding(jax.devices()[3]),
+  })
+  restored = ck.restore(manager, 2, ck.abstract_like(state, shardings))
+  _assert_trees_equal(restored, state)
+  assert restored.params["w"].sharding == shardings.params["w"]
+  assert restored.params["b"].sharding == shardings.params["b"]
+  assert restored.step.sharding == NamedSharding(mesh42, P())
+
+
+def test_params_only_restore(saved, state, mesh42):
+  workdir, directory, _ = saved
+  target = {
+      "w": jax.ShapeDtypeStruct((32, 8), jnp.float32,
+                                sharding=NamedSharding(mesh42, P(None, "b"))),
+      "b": jax.ShapeDtypeStruct((8,), jnp.float32,
+                                sharding=NamedSharding(mesh42, P())),
+  }
+  # From the workdir, the checkpoint directory and the step directory.
+  for path, step in ((workdir, None), (directory, 2), (directory / "2", None)):
+    params = ck.restore_params_from(path, target, step)
+    _assert_trees_equal(params, state.params)
+    assert params["w"].sharding == target["w"].sharding
+  opt_state = ck.restore_subtrees(workdir, {"opt_state": ck.abstract_like(
+      state.opt_state)})["opt_state"]
+  _assert_trees_equal(opt_state, state.opt_state)
+  with pytest.raises(FileNotFoundError):
+    ck.restore_params_from(directory, target, step=5)
+
+
+def test_retention_keep_last_and_every(tmp_path):
+  manager = ck.create_manager(tmp_path, save_every=2, keep=2, keep_every=4)
+  tree = {"x": jnp.zeros(2)}
+  saved_steps = [s for s in range(1, 15) if ck.save(manager, s, tree, None, {})]
+  manager.wait_until_finished()
+  # Orbax also saves the first step it is offered when the directory is empty.
+  assert saved_steps == [1, 2, 4, 6, 8, 10, 12, 14]
+  assert ck.all_steps(tmp_path) == [4, 8, 12, 14]
+  assert manager.all_steps() == [4, 8, 12, 14]
+  # force saves off-interval (the trainer's final/preemption save).
+  assert ck.save(manager, 15, tree, None, {}, force=True)
+  manager.wait_until_finished()
+  assert ck.all_steps(tmp_path) == [4, 8, 12, 14, 15]
+  manager.close()
+
+  # A read-only manager (the watcher's) neither saves nor deletes.
+  reader = ck.create_manager(tmp_path, save_every=1, keep=1, read_only=True)
+  assert reader.all_steps() == [4, 8, 12, 14, 15]
+  assert not ck.save(reader, 16, tree, None, {})
+  assert ck.all_steps(tmp_path) == [4, 8, 12, 14, 15]
+
+
+def test_incomplete_checkpoint_ignored(saved, tmp_path):
+  _, directory, _ = saved
+  # What a save killed before its commit leaves behind.
+  partial = directory / "9.orbax-checkpoint-tmp"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "garbage").write_text("x")
+  assert ck.all_steps(directory) == [2]
+  assert not ck.is_complete(partial)
+  assert ck.is_complete(directory / "2")
+  manager = ck.create_manager(directory, save_every=1, keep=3)
+  assert ck.latest_step(manager) == 2
+  assert ck.all_steps(tmp_path / "missing") == []
+
+
+_KILLED_SAVER = textwrap.dedent("""
+    import os, signal, sys
+    import jax.numpy as jnp
+    from glip_jax import checkpointing as ck
+    manager = ck.create_manager(sys.argv[1], save_every=1, keep=3)
+    ck.save(manager, 1, {"x": jnp.zeros(4)}, None, {})
+    manager.wait_until_finished()
+    # 64 MB: the background write is still running when we kill ourselves.
+    ck.save(manager, 2, {"x": jnp.ones((4096, 4096))}, None, {})
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_kill_mid_save_leaves_previous_latest(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run([sys.executable, "-c", _KILLED_SAVER, str(tmp_path)],
+                        env=env, capture_output=True, timeout=120, check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+  assert "2" not in os.listdir(tmp_path)  # Killed before the commit.
+  assert ck.all_steps(tmp_path) == [1]
+  manager = ck.create_manager(tmp_path, save_every=1, keep=3)
+  assert ck.latest_step(manager) == 1
+  restored = ck.restore(manager, 1, {"x": jax.ShapeDtypeStruct(
+      (4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(
+          jax.devices()[0]))})
+  np.testing.assert_array_equal(restored["x"], np.zeros(4))
+
+
+def test_sigterm_sets_flag(tmp_path):
+  before = signal.getsignal(signal.SIGTERM)
+  flag = ck.install_sigterm_handler()
+  try:
+    manager = ck.create_manager(tmp_path, save_every=1, keep=1)
+    assert not ck.should_stop(flag, manager, 1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert flag.requested
+    assert ck.should_stop(flag, manager, 2)
+  finally:
+    flag.uninstall()
+  assert signal.getsignal(signal.SIGTERM) == before
