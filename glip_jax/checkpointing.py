@@ -33,6 +33,11 @@ PyTree = Any
 STATE, DATA, CONFIG = "state", "data", "config"
 
 
+def checkpoint_dir(workdir: str | os.PathLike[str]) -> epath.Path:
+  """Where a job keeps its checkpoints: `workdir/checkpoints`."""
+  return epath.Path(workdir) / "checkpoints"
+
+
 def create_manager(directory: str | os.PathLike[str], *, save_every: int,
                    keep: int | None, keep_every: int | None = None,
                    read_only: bool = False) -> ocp.CheckpointManager:
@@ -137,7 +142,7 @@ def _step_dir(path: str | os.PathLike[str], step: int | None) -> epath.Path:
   path = epath.Path(path)
   if (path / STATE).exists() and step is None:
     return path
-  for directory in (path, path / "checkpoints"):
+  for directory in (path, checkpoint_dir(path)):
     steps = all_steps(directory)
     if steps:
       chosen = steps[-1] if step is None else step
