@@ -51,7 +51,11 @@ def test_tensorboard_event_file_and_jsonl(tmp_path):
   writer.flush()
   writer.close()
 
-  scalars = _scalars(_read_events(workdir))
+  events = _read_events(workdir)
+  plugins = {v.metadata.plugin_data.plugin_name
+             for e in events for v in e.summary.value}
+  assert {"hparams", "text"} <= plugins
+  scalars = _scalars(events)
   assert scalars == {("loss", 1): 2.5, ("lr", 1): 0.5, ("loss", 2): 2.0,
                      ("step_count", 2): 2.0}
 
