@@ -105,3 +105,9 @@ def test_evaluator_end_to_end():
       lambda: _batches(300, (y[300:] + 1) % NUM_CLASSES), num_classes=NUM_CLASSES,
       l2_values=(1e-4,))
   assert shifted.run({"features": jnp.asarray(3 * x)})["linear_probe_top1"] < 0.05
+
+
+def test_labels_outside_num_classes_are_rejected():
+  x = np.eye(4, dtype=np.float32)
+  with pytest.raises(ValueError, match="labels"):
+    linear_probe.linear_probe_metrics(x, np.array([0, 1, 2, 4]), x, np.zeros(4, int), 4)

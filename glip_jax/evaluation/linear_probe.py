@@ -82,6 +82,9 @@ def linear_probe_metrics(train_x: np.ndarray, train_y: np.ndarray, test_x: np.nd
                  l2_values: Sequence[float] = DEFAULT_L2_VALUES, val_fraction: float = 0.2,
                  max_steps: int = 500, seed: int = 0) -> dict[str, float]:
   """Sweeps l2 on a held-out split of train, refits on all of train, returns test top-1."""
+  for name, labels in (("train", train_y), ("test", test_y)):
+    if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
+      raise ValueError(f"{name} labels must lie in [0, {num_classes}).")
   fit = functools.partial(fit_logistic_regression, num_classes=num_classes, max_steps=max_steps)
   tr, va = split_train_val(train_x.shape[0], val_fraction, seed)
   best = None  # (-val accuracy, val cross-entropy, l2): the smallest tuple wins.
