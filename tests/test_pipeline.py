@@ -223,3 +223,11 @@ def test_validation_of_sources():
 def test_batch_size_must_divide_over_processes(tokenizer):
     with pytest.raises(ValueError, match="multiple of the process count 2"):
         _train(_synthetic_config(), tokenizer, 0, 2, batch=9)
+
+
+def test_benchmark_data_smoke():
+    from glip_jax.data.throughput import benchmark_data
+
+    result = benchmark_data(image_size=32, stored_size=48, num_examples=8, synthetic_sizes=(32,),
+                            synthetic_count=20)
+    assert result["jpeg_records_per_s"] > 0 and result["synthetic_render_32px_per_s"] > 0
