@@ -1,7 +1,6 @@
 """Sources: ArrayRecord round trip and path errors, TFDS (built here, read without TF) including
 through the pipeline, and the synthetic source from config."""
 import io
-import os
 
 import grain
 import numpy as np
