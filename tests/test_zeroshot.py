@@ -167,3 +167,18 @@ def test_embed_images_drops_padding():
   emb, labels = base.embed_images(_encode_image, {"shift": 0}, _batches(LABELS))
   np.testing.assert_array_equal(labels, LABELS)
   np.testing.assert_allclose(emb, np.eye(EMBED_DIM)[LABELS])
+
+
+def test_evaluator_with_batch_sharded_encoder():
+  # The trainer hands in encoders jitted with shardings; outputs are then sharded global arrays.
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  sharded_encode = jax.jit(_encode_image, in_shardings=(None, batch_sharding),
+                           out_shardings=batch_sharding)
+  evaluator = zeroshot.ZeroShotEvaluator(
+      "toy", sharded_encode, _encode_text, _tokenizer, CLASSNAMES, TEMPLATES,
+      lambda: _batches(LABELS))
+  assert evaluator.run({"shift": 0})["zeroshot_top1"] == 1.0
+  emb, labels = base.embed_images(sharded_encode, {"shift": 0}, _batches(LABELS))
+  assert emb.shape == (len(LABELS), EMBED_DIM) and labels.tolist() == LABELS.tolist()

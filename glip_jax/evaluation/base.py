@@ -71,7 +71,13 @@ def make_image_embedder(encode_image: ImageEncoder) -> Callable[..., jax.Array]:
   """jit(params, images, keep_indices) -> L2-normalised image embeddings [B,E]."""
   # Jitting around a possibly already-jitted encoder is cheap (the inner jit is inlined) and fuses
   # the normalisation into the same program.
-  return jax.jit(lambda params, images, keep: l2_normalize(encode_image(params, images, keep)))
+  def embed(params, images, keep_indices):
+    # Unmasked: call with two arguments, so an encoder jitted with two in_shardings also fits.
+    if keep_indices is None:
+      return l2_normalize(encode_image(params, images))
+    return l2_normalize(encode_image(params, images, keep_indices))
+
+  return jax.jit(embed)
 
 
 @functools.lru_cache(maxsize=64)
