@@ -9,7 +9,7 @@ Embeddings of the whole set are gathered on the host (Flickr30K: 1k images/5k ca
 5k/25k); similarities are then computed in fixed-size query chunks so memory stays
 O(chunk × candidates) and one compiled shape serves every chunk.
 """
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,8 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image_id
   return results
 
 
-def embed_retrieval_set(embed_image, embed_text, params: base.Params, batches,
+def embed_retrieval_set(embed_image: base.ImageEncoder, embed_text: base.TextEncoder,
+                        params: base.Params, batches: Iterable[base.Batch],
                         masking: base.Masking | None = None
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(image_emb [N,E], text_emb [T,E], text_image_ids [T]) of all non-padding images/captions."""

@@ -91,7 +91,7 @@ def tokenize_prompts(tokenizer: base.Tokenizer, classnames: Sequence[str],
   return np.asarray(tokenizer(prompts), np.int32)
 
 
-def embed_texts(embed_text, params: base.Params, tokens: np.ndarray, batch_size: int) -> jax.Array:
+def embed_texts(embed_text: base.TextEncoder, params: base.Params, tokens: np.ndarray, batch_size: int) -> jax.Array:
   """Normalised embeddings [N,E] of `tokens` [N,L], computed in fixed-size (padded) batches."""
   # Padding the last batch keeps a single compiled shape.
   num = tokens.shape[0]
