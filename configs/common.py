@@ -1,0 +1,41 @@
+"""Shared defaults for every recipe: one place that documents each top-level field.
+
+Recipes (`configs/*.py`) start from `base_config()` and change what their paper changes. Every field
+here can be overridden on the command line, e.g. `--config.masking.ratio=0.75`.
+"""
+
+import ml_collections
+
+from glip_jax.models import clip as clip_lib
+
+
+def base_config(variant: str = "B/16", image_size: int = 224) -> ml_collections.ConfigDict:
+  """All fields with their defaults; recipes override what differs."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # root of all randomness: init, masking, augmentation, data order
+  c.batch_size = 1024  # global batch, split over mesh data×fsdp and over processes
+
+  # Duration: give exactly one of total_steps / total_epochs / total_examples (converted once).
+  c.total_steps = 10_000
+  c.total_epochs = ml_collections.FieldReference(None, field_type=float)
+  c.total_examples = ml_collections.FieldReference(None, field_type=int)
+
+  c.model = clip_lib.model_config(variant, image_size)
+
+  # Token selection (SPEC §1–3): kind none | random | gaussian | attentive; ratio = dropped share.
+  c.masking = ml_collections.ConfigDict(dict(
+      kind="none", ratio=0.0, sigma=0.2, sigma_is_variance=True, strength=1.0, gumbel=False))
+
+  c.loss = ml_collections.ConfigDict(dict(kind="softmax"))  # softmax (CLIP) | sigmoid (SigLIP)
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=5e-4,  # peak learning rate (absolute, for the global batch above)
+      end_lr=0.0,  # value the cosine decays to at total_steps
+      warmup_steps=1000,
+      b1=0.9, b2=0.98, eps=1e-6,
+      weight_decay=0.2,  # not applied to biases, norms, position embeddings, cls, temperature
+      grad_clip_norm=1.0,  # global-norm clipping; 0 disables
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: remaining devices
+  return c

@@ -1,0 +1,147 @@
+"""Transformer building blocks shared by the image and text towers (OpenAI/open_clip CLIP layout).
+
+Parameter names follow open_clip's `ResidualAttentionBlock` (ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj)
+so that importing OpenAI/open_clip weights is a name mapping. Every parameter carries logical axis
+names (`nn.with_logical_partitioning`) that `glip_jax.sharding` maps onto the device mesh.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Logical axis names used by parameters; `glip_jax.sharding.LOGICAL_RULES` maps them to mesh axes.
+EMBED, MLP, HEADS, HEAD_DIM, VOCAB = "embed", "mlp", "heads", "head_dim", "vocab"
+
+
+def dense_init(axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
+  """Xavier-uniform kernel initialiser annotated with logical axes."""
+  return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
+
+
+def zeros_init(axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
+  """Zeros initialiser annotated with logical axes (biases)."""
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32 (as open_clip's LayerNorm does for fp16/bf16 inputs)."""
+
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.LayerNorm(
+        epsilon=1e-5,
+        dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (EMBED,)),
+        bias_init=zeros_init((EMBED,)),
+        name="norm",
+    )(x.astype(jnp.float32))
+    return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention that can also return its attention weights.
+
+  The weights are needed by A-CLIP's teacher ([CLS]→patch attention); returning them is opt-in so
+  the training path never materialises more than the softmax already does.
+  """
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, return_weights: bool = False):
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    qkv = nn.DenseGeneral(
+        (3, self.num_heads, head_dim),
+        dtype=self.dtype,
+        kernel_init=dense_init((EMBED, None, HEADS, HEAD_DIM)),
+        bias_init=zeros_init((None, HEADS, HEAD_DIM)),
+        name="in_proj",
+    )(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+    out = nn.DenseGeneral(
+        width,
+        axis=(-2, -1),
+        dtype=self.dtype,
+        kernel_init=dense_init((HEADS, HEAD_DIM, EMBED)),
+        bias_init=zeros_init((EMBED,)),
+        name="out_proj",
+    )(out)
+    return (out, weights) if return_weights else out
+
+
+class MlpBlock(nn.Module):
+  """Transformer MLP: c_fc → GELU (or OpenAI's QuickGELU) → c_proj."""
+
+  mlp_dim: int
+  quick_gelu: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    h = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=dense_init((EMBED, MLP)),
+                 bias_init=zeros_init((MLP,)), name="c_fc")(x)
+    h = h * jax.nn.sigmoid(1.702 * h) if self.quick_gelu else nn.gelu(h, approximate=False)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init((MLP, EMBED)),
+                    bias_init=zeros_init((EMBED,)), name="c_proj")(h)
+
+
+class ResidualBlock(nn.Module):
+  """Pre-LN residual block: x + attn(ln_1(x)); x + mlp(ln_2(x))."""
+
+  num_heads: int
+  mlp_dim: int
+  quick_gelu: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, return_weights: bool = False):
+    attn = Attention(self.num_heads, dtype=self.dtype, name="attn")
+    y = attn(LayerNorm(self.dtype, name="ln_1")(x), mask, return_weights)
+    y, weights = y if return_weights else (y, None)
+    x = x + y
+    x = x + MlpBlock(self.mlp_dim, self.quick_gelu, self.dtype, name="mlp")(
+        LayerNorm(self.dtype, name="ln_2")(x))
+    return (x, weights) if return_weights else x
+
+
+class Transformer(nn.Module):
+  """A stack of residual blocks, optionally rematerialised per block to save activation memory."""
+
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  quick_gelu: bool = False
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, return_weights: bool = False):
+    block_cls = ResidualBlock
+    if self.remat:
+      block_cls = nn.remat(ResidualBlock, static_argnums=(3,))
+    all_weights = []
+    for i in range(self.depth):
+      out = block_cls(self.num_heads, self.mlp_dim, self.quick_gelu, self.dtype,
+                      name=f"resblocks_{i}")(x, mask, return_weights)
+      if return_weights:
+        x, weights = out
+        all_weights.append(weights)
+      else:
+        x = out
+    if return_weights:
+      return x, jnp.stack(all_weights, axis=1)  # [B, depth, heads, q, k]
+    return x

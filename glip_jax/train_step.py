@@ -1,0 +1,156 @@
+"""Pure train/eval step functions and the optimizer (no I/O).
+
+`train_step(state, batch) -> (state, metrics)` is compiled once with explicit in/out shardings and
+the state donated. Token selection happens inside it, from a key derived from (seed, step) only, so
+any step can be reproduced exactly — the basis of bit-exact resume.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from glip_jax import losses
+from glip_jax import masking
+from glip_jax import sharding as sharding_lib
+from glip_jax.models import clip as clip_lib
+
+MAX_LOGIT_SCALE = math.log(100.0)
+# Parameters never decayed (SPEC §2): biases, norms, position embeddings, cls token, temperature.
+NO_DECAY_NAMES = frozenset({"bias", "scale", "positional_embedding", "class_embedding",
+                            "logit_scale", "logit_bias"})
+
+
+@struct.dataclass
+class TrainState:
+  """Everything that changes during training; a pytree that Orbax saves as one item."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for the parameters AdamW decays: weight matrices and embeddings, nothing else."""
+  def decays(path, leaf):
+    name = getattr(path[-1], "key", str(path[-1]))
+    return name not in NO_DECAY_NAMES and jnp.ndim(leaf) >= 2
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to the peak learning rate, then cosine decay to `end_lr` at `total_steps`."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim.lr, warmup_steps=optim.warmup_steps,
+      decay_steps=max(total_steps, optim.warmup_steps + 1), end_value=optim.end_lr)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict,
+                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with the no-decay mask, global-norm clipping and warmup+cosine schedule."""
+  schedule = make_schedule(optim, total_steps)
+  chain = []
+  if optim.grad_clip_norm:
+    chain.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+  chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                           weight_decay=optim.weight_decay, mask=weight_decay_mask))
+  return optax.chain(*chain), schedule
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       model_config: ml_collections.ConfigDict, mesh: Mesh,
+                       seed: int) -> tuple[TrainState, Any]:
+  """Initialises parameters and optimizer state directly in their sharded layout.
+
+  Returns the state and its shardings (a TrainState of NamedSharding), used by the compiled step
+  and by checkpoint restore.
+  """
+  images, tokens = clip_lib.dummy_inputs(model_config)
+
+  def init(rng):
+    params = model.init(rng, images, tokens)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  rng = jax.random.key(seed)
+  # Boxed (nn.Partitioned) shapes carry the logical axes of every parameter and of the optimizer
+  # moments that mirror them.
+  abstract_boxed = jax.eval_shape(init, rng)
+  shardings = sharding_lib.logical_to_shardings(abstract_boxed, mesh)
+  state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def step_rng(seed: int, step: jax.Array) -> jax.Array:
+  """The key of one training step: a function of (seed, step) alone."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Static configuration of the train step (hashable: it closes over the compiled function)."""
+
+  masking: masking.MaskingSpec
+  grid: tuple[int, int]
+  loss: str = "softmax"
+  seed: int = 0
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, spec: StepSpec,
+               batch_sharding: jax.sharding.Sharding | None = None) -> tuple[TrainState, dict]:
+  """One optimisation step on a global batch {'image': uint8 [B,H,W,3], 'text': int32 [B,L]}."""
+  images, tokens = batch["image"], batch["text"]
+  rng = step_rng(spec.seed, state.step)
+  keep = masking.keep_indices(jax.random.fold_in(rng, 0), spec.masking, images.shape[0], spec.grid,
+                              sharding=batch_sharding)
+
+  def loss_fn(params):
+    outputs = model.apply({"params": params}, images, tokens, keep_indices=keep)
+    loss, aux = losses.contrastive_loss(spec.loss, outputs)
+    return loss, (aux, outputs["logit_scale"])
+
+  (loss, (aux, logit_scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # As open_clip: the temperature is clamped after the update, so it can come back down.
+  params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)}
+  n = spec.grid[0] * spec.grid[1]
+  metrics = {
+      "loss": loss,
+      **aux,
+      "logit_scale": jnp.exp(logit_scale),
+      "grad_norm": optax.global_norm(grads),
+      "lr": schedule(state.step),
+      "kept_tokens": jnp.asarray(n if keep is None else keep.shape[1], jnp.float32),
+  }
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def compile_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                       schedule: optax.Schedule, spec: StepSpec, mesh: Mesh,
+                       state_shardings: Any) -> Callable:
+  """`jax.jit` of train_step with explicit shardings and the state donated."""
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, spec=spec,
+                           batch_sharding=batch_sharding)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # One batch sharding serves every array of the batch dict (a pytree prefix).
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
+              keep: jax.Array | None = None, loss: str = "softmax") -> dict[str, jax.Array]:
+  """Loss and in-batch retrieval accuracy of a held-out batch (unmasked unless `keep` is given)."""
+  outputs = model.apply({"params": params}, batch["image"], batch["text"], keep_indices=keep)
+  value, aux = losses.contrastive_loss(loss, outputs)
+  return {"loss": value, **aux}
