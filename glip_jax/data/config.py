@@ -5,9 +5,10 @@ from typing import Any
 
 import ml_collections
 
+from glip_jax.data import sources
 from glip_jax.data import synthetic
 
-SOURCES = ("synthetic", "arrayrecord", "tfds")
+SOURCES = ("synthetic", "arrayrecord", "tfds", "karpathy")
 
 
 def default_source_config() -> ml_collections.ConfigDict:
@@ -39,6 +40,14 @@ def default_source_config() -> ml_collections.ConfigDict:
             image_key="image",
             text_key="",  # '' for image/label sets; '/' for nested features ('captions/text').
             label_key="",  # '' when there is no label.
+        )
+    )
+    # Karpathy-split captions (COCO 5k / Flickr30k 1k test) + the folder of their images.
+    cfg.karpathy = ml_collections.ConfigDict(
+        dict(
+            json_path="",  # dataset_coco.json / dataset_flickr30k.json
+            image_dir="",  # images at image_dir/filepath/filename
+            split="test",  # train / val / test / restval
         )
     )
     return cfg
@@ -113,6 +122,14 @@ def validate_source_config(cfg: Any, prefix: str = "") -> None:
             _fail(f"{prefix}tfds.name", cfg.tfds.name, "the name of a TFDS dataset prepared in data_dir")
         if not cfg.tfds.image_key:
             _fail(f"{prefix}tfds.image_key", cfg.tfds.image_key, "the name of the image feature")
+    elif cfg.source == "karpathy":
+        k = cfg.karpathy
+        if not k.json_path:
+            _fail(f"{prefix}karpathy.json_path", k.json_path, "a Karpathy-split JSON file path")
+        if not k.image_dir:
+            _fail(f"{prefix}karpathy.image_dir", k.image_dir, "the folder holding its images")
+        if k.split not in sources.KARPATHY_SPLITS:
+            _fail(f"{prefix}karpathy.split", k.split, str(sources.KARPATHY_SPLITS))
 
 
 def validate_data_config(cfg: Any) -> None:

@@ -14,6 +14,7 @@ processes and index them in any order.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -165,6 +166,65 @@ class TfdsSource:
         return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} records)"
 
 
+KARPATHY_SPLITS = ("train", "val", "test", "restval")
+
+
+class KarpathySource:
+    """One split of a Karpathy-split caption file (dataset_coco.json, dataset_flickr30k.json).
+
+    The JSON is {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}, ...]}, ...]};
+    image i of the split is read from `image_dir/filepath/filename` (COCO keeps `filepath`, e.g.
+    val2014; Flickr30k has none). Captions are the `raw` sentences, in file order.
+    """
+
+    def __init__(self, json_path: str, image_dir: str, split: str = "test"):
+        if split not in KARPATHY_SPLITS:
+            raise ValueError(f"karpathy split={split!r}; allowed: {KARPATHY_SPLITS}")
+        self.json_path = os.path.expanduser(json_path)
+        self.image_dir = os.path.expanduser(image_dir)
+        self.split = split
+        if not os.path.isfile(self.json_path):
+            raise FileNotFoundError(
+                f"data.karpathy.json_path={json_path!r} does not exist; get dataset_coco.json / "
+                "dataset_flickr30k.json from Karpathy's caption_datasets.zip (see docs/evaluation.md)"
+            )
+        with open(self.json_path, encoding="utf-8") as f:
+            images = json.load(f)["images"]
+        # Only paths and captions are kept: a plain list pickles cheaply to Grain workers.
+        self._items = [
+            (
+                os.path.join(self.image_dir, image.get("filepath", ""), image["filename"]),
+                [s["raw"] for s in image.get("sentences", [])],
+            )
+            for image in images
+            if image.get("split") == split
+        ]
+        if not self._items:
+            raise ValueError(f"{json_path!r} has no images in split {split!r}")
+        # Fail here, not in a reader thread, when image_dir points at the wrong folder.
+        if not os.path.isfile(self._items[0][0]):
+            raise FileNotFoundError(
+                f"data.karpathy.image_dir={image_dir!r}: {self._items[0][0]!r} does not exist"
+            )
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> Record:
+        path, captions = self._items[index]
+        with open(path, "rb") as f:
+            image_bytes = f.read()
+        return {
+            "image_bytes": image_bytes,
+            "captions": list(captions),
+            "label": -1,
+            "key": os.path.relpath(path, self.image_dir),
+        }
+
+    def __repr__(self) -> str:
+        return f"KarpathySource({self.json_path!r}, split={self.split!r}, {len(self)} images)"
+
+
 def scene_config(cfg: Any) -> synthetic.SceneConfig:
     """SceneConfig from the `synthetic` part of a source config."""
     return synthetic.SceneConfig(
@@ -191,4 +251,9 @@ def source_from_config(cfg: Any, split: str | None = None) -> Any:
         return TfdsSource(
             t.name, split or t.split, t.data_dir or None, t.image_key, t.text_key, t.label_key
         )
-    raise ValueError(f"data.source={cfg.source!r}; allowed: ('synthetic', 'arrayrecord', 'tfds')")
+    if cfg.source == "karpathy":
+        k = cfg.karpathy
+        return KarpathySource(k.json_path, k.image_dir, split or k.split)
+    raise ValueError(
+        f"data.source={cfg.source!r}; allowed: ('synthetic', 'arrayrecord', 'tfds', 'karpathy')"
+    )
