@@ -1,0 +1,178 @@
+"""The `--mode=eval` job: evaluate every new complete checkpoint of a training run, once.
+
+  python -m glip_jax.main --config=CONFIG --workdir=WORKDIR --mode=eval
+  python -m glip_jax.main --config=CONFIG --workdir=WORKDIR --mode=eval --checkpoint=PATH
+
+Watching: polls `WORKDIR/checkpoints`, restores only the parameters of each complete checkpoint
+not yet evaluated (oldest first) onto this job's own mesh, runs every evaluator of `config.evals`
+and writes `eval/<name>/<metric>` at the checkpoint's step to TensorBoard and
+`WORKDIR/eval/metrics.jsonl`. The steps done are recorded in `WORKDIR/eval/evaluated.json`
+(rewritten atomically after each checkpoint's metrics are flushed), so a restarted watcher
+evaluates nothing twice. Partial saves (`N.orbax-checkpoint-tmp-*`) are never listed; a checkpoint
+deleted by keep-N retention before it could be read is skipped. The job exits once the final
+training step's checkpoint is evaluated, or after `timeout_seconds`.
+
+`--checkpoint=PATH` (a step directory, a checkpoint directory or a workdir: its latest) evaluates
+that one checkpoint, prints a table and writes nothing.
+"""
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+
+from glip_jax import checkpointing
+from glip_jax import logging as logging_lib
+from glip_jax import sharding as sharding_lib
+from glip_jax.evaluation import builder
+from glip_jax.models import clip as clip_lib
+
+EVAL_SUBDIR = "eval"
+RECORD_FILENAME = "evaluated.json"
+
+# Indirection so tests can act between polls (write or delete checkpoints) without threads.
+_sleep = time.sleep
+
+
+def eval_dir(workdir: str | os.PathLike[str]) -> epath.Path:
+  """Where the watcher writes: `workdir/eval` (metrics.jsonl, event files, evaluated.json)."""
+  return epath.Path(workdir) / EVAL_SUBDIR
+
+
+def final_step(config: ml_collections.ConfigDict) -> int:
+  """The last training step (the trainer's resolution of total_steps/epochs/examples)."""
+  try:
+    from glip_jax import train  # pylint: disable=g-import-not-at-top  (heavy; only for this)
+    return int(train.resolve_total_steps(config))
+  except (ImportError, AttributeError):
+    return int(config.total_steps)
+
+
+def eval_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """config.mesh if it fits this job's devices, else all devices on the data axis."""
+  try:
+    return sharding_lib.create_mesh(config.mesh)
+  except ValueError as e:
+    # The eval job often runs on fewer devices than training; parameters restore onto any mesh.
+    logging.info("config.mesh does not fit this job's %d devices (%s); evaluating data-parallel.",
+                 jax.device_count(), e)
+    return sharding_lib.create_mesh({"data": -1})
+
+
+def abstract_params(model: clip_lib.CLIP, model_config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh) -> Any:
+  """ShapeDtypeStructs of the model's parameters with the train state's shardings on `mesh`."""
+  images, tokens = clip_lib.dummy_inputs(model_config)
+  boxed = jax.eval_shape(lambda rng: model.init(rng, images, tokens)["params"], jax.random.key(0))
+  shardings = sharding_lib.logical_to_shardings(boxed, mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.unbox(boxed), shardings)
+
+
+def read_record(workdir: str | os.PathLike[str]) -> set[int]:
+  """Steps already evaluated (empty if the watcher never ran)."""
+  path = eval_dir(workdir) / RECORD_FILENAME
+  if not path.exists():
+    return set()
+  return set(json.loads(path.read_text())["steps"])
+
+
+def _write_record(workdir: str | os.PathLike[str], steps: set[int]) -> None:
+  path = os.fspath(eval_dir(workdir) / RECORD_FILENAME)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump({"steps": sorted(steps)}, f)
+    f.flush()
+    os.fsync(f.fileno())
+  # A kill between the two lines leaves the old record: the step is then evaluated again, and
+  # its metrics line repeated (read_metrics_jsonl merges repeated steps).
+  os.replace(tmp, path)
+
+
+def _resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[epath.Path, int]:
+  """(step directory, step) of a step dir, or the latest complete one of a ckpt dir / workdir."""
+  path = epath.Path(path)
+  if checkpointing.is_complete(path):
+    return path, int(path.name)
+  for directory in (path, checkpointing.checkpoint_dir(path)):
+    steps = checkpointing.all_steps(directory)
+    if steps:
+      return directory / str(steps[-1]), steps[-1]
+  raise FileNotFoundError(f"--checkpoint={os.fspath(path)!r}: no complete checkpoint there (give a "
+                          "step directory, a checkpoint directory or a workdir).")
+
+
+def format_table(results: dict[str, float]) -> str:
+  """A name / metric / value table of 'eval/<name>/<metric>' results."""
+  rows = [key.split("/", 2)[1:] + [f"{value:.4f}"] for key, value in sorted(results.items())]
+  header = ["name", "metric", "value"]
+  widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+  return "\n".join(lines)
+
+
+def run_watcher(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
+                checkpoint: str | None = None, poll_seconds: float = 10,
+                timeout_seconds: float | None = None) -> dict:
+  """Watches `workdir` (returns {step: metrics}) or evaluates one `checkpoint` (returns metrics)."""
+  builder.validate_evals(config)
+  if not config.get("evals"):
+    raise ValueError("config.evals is empty: nothing to evaluate (see docs/evaluation.md).")
+  mesh = eval_mesh(config)
+  model = clip_lib.build_model(config.model)
+  evaluators = builder.build_evaluators(config, model, mesh)
+  target = abstract_params(model, config.model, mesh)
+
+  if checkpoint is not None:
+    step_dir, step = _resolve_checkpoint(checkpoint)
+    params = checkpointing.restore_params_from(step_dir, target)
+    results = builder.run_evaluators(evaluators, params)
+    print(f"{os.fspath(step_dir)} (step {step})\n{format_table(results)}")
+    return results
+
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  out_dir = eval_dir(workdir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  done = read_record(workdir)
+  last = final_step(config)
+  writer = logging_lib.create_writer(os.fspath(out_dir), just_logging=jax.process_index() > 0)
+  deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+  evaluated: dict[int, dict[str, float]] = {}
+  try:
+    while last not in done:
+      for step in checkpointing.all_steps(ckpt_dir):
+        if step in done:
+          continue
+        step_dir = ckpt_dir / str(step)
+        try:
+          params = checkpointing.restore_params_from(step_dir, target)
+        except Exception:  # pylint: disable=broad-except
+          # Orbax raises various errors for files vanishing mid-read; only a vanished step is ok.
+          if step_dir.exists():
+            raise
+          logging.warning("Checkpoint %d was deleted before it could be evaluated; skipped.", step)
+          continue
+        results = builder.run_evaluators(evaluators, params)
+        writer.write_scalars(step, results)
+        writer.flush()
+        done.add(step)
+        if jax.process_index() == 0:
+          _write_record(workdir, done)
+        evaluated[step] = results
+        logging.info("Evaluated checkpoint %d: %s", step, results)
+      if last in done:
+        break
+      if deadline is not None and time.monotonic() >= deadline:
+        logging.warning("Timed out after %ss before the final step %d was evaluated.",
+                        timeout_seconds, last)
+        break
+      _sleep(poll_seconds if deadline is None
+             else max(0.0, min(poll_seconds, deadline - time.monotonic())))
+  finally:
+    writer.close()
+  return evaluated
