@@ -1,8 +1,9 @@
 """Grain input pipelines: training iterators, padded evaluation batches, and global jax.Arrays.
 
-Training: source → per-process shard → shuffle(seed) → repeat → decode + augment + tokenise
-(`random_map`, one Generator per record) → [weighted mix of sources] → batch(global / processes,
-drop remainder) → to_iter_dataset (threads) → mp_prefetch (worker processes, optional).
+Training: source → global shuffle(seed) → repeat → decode + augment + tokenise (`random_map`, one
+Generator per record) → [weighted mix of sources] → batch(global / processes) → this process'
+chunk of every global batch → to_iter_dataset (threads) → mp_prefetch (worker processes, optional).
+Global batches are identical whatever the number of processes (see make_train_dataset).
 The iterator's position is checkpointable: `get_state()` / `set_state()` (or
 `grain.checkpoint.CheckpointSave/Restore` under Orbax) resume with identical batches.
 
@@ -130,18 +131,6 @@ def default_shard_options() -> grain.sharding.ShardOptions:
     return grain.sharding.ShardByJaxProcess(drop_remainder=True)
 
 
-def shard(ds: grain.MapDataset, options: grain.sharding.ShardOptions) -> grain.MapDataset:
-    """This process' strided slice of `ds`; slices of different processes are disjoint."""
-    length = len(ds)
-    if options.drop_remainder:
-        length -= length % options.shard_count
-    if length < options.shard_count:
-        raise ValueError(
-            f"a source of {len(ds)} records cannot be split over {options.shard_count} processes"
-        )
-    return ds[options.shard_index : length : options.shard_count]
-
-
 def _local_batch_size(global_batch_size: int, shard_count: int) -> int:
     if global_batch_size <= 0 or global_batch_size % shard_count:
         raise ValueError(
@@ -185,25 +174,36 @@ def make_train_dataset(
     seed: int,
     tokenizer: Tokenizer,
     shard_options: grain.sharding.ShardOptions | None = None,
+    preprocess: grain.transforms.RandomMap | None = None,
 ) -> grain.IterDataset:
-    """The infinite training IterDataset of local batches for this process."""
+    """The infinite training IterDataset of local batches for this process.
+
+    `preprocess` replaces the default TrainPreprocess (e.g. A-CLIP's multi-view crops,
+    glip_jax/data/views.py); sharding, shuffling, mixing and batching stay the same.
+    """
     config_lib.validate_data_config(data_cfg)
     shard_options = shard_options or default_shard_options()
     local_batch = _local_batch_size(global_batch_size, shard_options.shard_count)
     base_seed = seed if data_cfg.shuffle_seed < 0 else int(data_cfg.shuffle_seed)
-    preprocess = TrainPreprocess(
-        image_size, tokenizer, data_cfg.crop_scale, data_cfg.crop_ratio, bool(data_cfg.flip)
-    )
+    if preprocess is None:
+        preprocess = TrainPreprocess(
+            image_size, tokenizer, data_cfg.crop_scale, data_cfg.crop_ratio, bool(data_cfg.flip)
+        )
     parts, weights = [], []
     for i, (source_cfg, weight) in enumerate(config_lib.mixture_components(data_cfg)):
         ds = grain.MapDataset.source(sources.source_from_config(source_cfg))
-        ds = shard(ds, shard_options)
-        ds = ds.shuffle(seed=_seed(base_seed, shard_options.shard_index, i, 0)).repeat()
-        ds = ds.random_map(preprocess, seed=_seed(base_seed, shard_options.shard_index, i, 1))
+        ds = ds.shuffle(seed=_seed(base_seed, i, 0)).repeat()
+        ds = ds.random_map(preprocess, seed=_seed(base_seed, i, 1))
         parts.append(ds)
         weights.append(weight)
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    # The global sequence (shuffle, augmentation seeds, mixing) is the same for every process
+    # count; global batch k is local chunks k·P … k·P+P−1, and process p takes chunk k·P+p, i.e.
+    # rows [p·b, (p+1)·b) of each global batch — exactly the rows its devices hold. So a job's
+    # batches, masks and losses do not depend on how many processes it runs on. MapDataset is
+    # lazy: a process decodes only its own rows.
     ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds[shard_options.shard_index :: shard_options.shard_count]
     return _finish(ds, data_cfg)
 
 
