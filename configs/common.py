@@ -6,6 +6,7 @@ here can be overridden on the command line, e.g. `--config.masking.ratio=0.75`.
 
 import ml_collections
 
+from glip_jax.data import config as data_config_lib
 from glip_jax.models import clip as clip_lib
 
 
@@ -38,4 +39,25 @@ def base_config(variant: str = "B/16", image_size: int = 224) -> ml_collections.
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: remaining devices
+
+  # Training data (glip_jax/data/config.py documents every field); synthetic scenes by default.
+  c.data = data_config_lib.default_data_config()
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      kind="clip",  # 'clip' (BPE, 49408 tokens) | 'sentencepiece'
+      model_path="",  # the .model file for 'sentencepiece'
+  ))
+
+  # In-loop evaluation: {name: evaluator config}; see docs/evaluation.md. Empty: none.
+  c.evals = ml_collections.ConfigDict()
+
+  c.log_every_steps = 50  # metrics.jsonl / TensorBoard interval (values of that step, not means)
+  c.checkpoint_every_steps = 1000  # 0: only at the end (and on SIGTERM)
+  c.keep_checkpoints = 3  # newest checkpoints kept; 0 keeps all
+  c.keep_checkpoints_every_steps = 0  # additionally keep every multiple of this step; 0: none
+
+  # Start from another run's parameters (unmasked tuning, fine-tuning); ignored when resuming.
+  c.init_from = ml_collections.ConfigDict(dict(
+      path="",  # a workdir, its checkpoints/ directory, or one step directory
+      optimizer_state=False,  # also take the optimizer state
+  ))
   return c

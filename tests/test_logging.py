@@ -2,7 +2,6 @@
 import glob
 import json
 import os
-import struct
 import sys
 
 import numpy as np
@@ -10,22 +9,6 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from glip_jax import logging as glog
-
-
-def _read_events(logdir):
-  """All Event protos of the event files in `logdir` (TFRecord framing)."""
-  events = []
-  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-    with open(path, "rb") as f:
-      data = f.read()
-    pos = 0
-    while pos < len(data):
-      # uint64 length, uint32 masked crc of length, payload, uint32 crc.
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      payload = data[pos + 12:pos + 12 + length]
-      pos += 12 + length + 4
-      events.append(event_pb2.Event.FromString(payload))
-  return events
 
 
 def _scalars(events):
@@ -51,7 +34,7 @@ def test_tensorboard_event_file_and_jsonl(tmp_path):
   writer.flush()
   writer.close()
 
-  events = _read_events(workdir)
+  events = glog.read_events(workdir)
   plugins = {v.metadata.plugin_data.plugin_name
              for e in events for v in e.summary.value}
   assert {"hparams", "text"} <= plugins
@@ -95,7 +78,7 @@ def test_resume_truncates_and_purges(tmp_path):
     lines = [json.loads(line) for line in f]
   assert [(r["step"], r["loss"]) for r in lines] == [
       (1, 9.0), (2, 8.0), (3, 7.0), (4, 16.0), (5, 15.0)]
-  events = _read_events(workdir)
+  events = glog.read_events(workdir)
   assert _scalars(events)[("loss", 5)] in (5.0, 15.0)  # Both runs' files kept.
   assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == 2
   # TensorBoard drops events with step >= 4 of the earlier run on this marker.

@@ -1,0 +1,177 @@
+"""The trainer end to end: main CLI, exact resume after kill -9 and SIGTERM, metrics, validation.
+
+Runs use configs/demo.py shrunk by command-line overrides (the CLI contract), in-process for the
+reference run and as subprocesses for the runs that get killed.
+"""
+
+import os
+import signal
+import subprocess
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from glip_jax import checkpointing
+from glip_jax import logging as logging_lib
+from glip_jax import train
+from glip_jax.main import print_table
+from glip_jax.models import clip as clip_lib
+from runs import REPO, TOTAL_STEPS, command, read_losses as losses, tiny_config
+
+
+def final_params(workdir):
+  config = tiny_config()
+  model = clip_lib.build_model(config.model)
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(
+      jax.random.key(0), *clip_lib.dummy_inputs(config.model)))["params"])
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+  return jax.device_get(checkpointing.restore_params_from(workdir, abstract))
+
+
+def start(workdir, log_path):
+  """Starts a training subprocess; its log goes to a file (a pipe could fill up and block it)."""
+  args, env = command(workdir)
+  with open(log_path, "w") as log:
+    return subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_progress(workdir, step, proc, log_path, timeout=300):
+  """Waits until `step` is logged after a complete checkpoint exists."""
+  deadline = time.time() + timeout
+  path = os.path.join(workdir, logging_lib.METRICS_FILENAME)
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"training exited early:\n{open(log_path).read()[-3000:]}")
+    complete = checkpointing.all_steps(checkpointing.checkpoint_dir(workdir))
+    if complete and os.path.exists(path) and max(losses(workdir) or [0]) >= step:
+      return
+    time.sleep(0.05)
+  raise AssertionError("timed out waiting for training progress")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """An uninterrupted run: per-step losses and final parameters."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  assert summary["steps"] == TOTAL_STEPS
+  return workdir
+
+
+def test_end_to_end_metrics_and_checkpoints(straight):
+  records = logging_lib.read_metrics_jsonl(os.path.join(straight, "metrics.jsonl"))
+  steps = [r["step"] for r in records if "loss" in r]
+  assert steps == list(range(1, TOTAL_STEPS + 1))
+  last = records[-1]
+  for key in ("loss", "lr", "logit_scale", "i2t_accuracy", "t2i_accuracy", "grad_norm",
+              "examples_per_s", "examples_per_s_per_device", "step_time_s", "data_wait_s",
+              "tflops_per_s_per_device", "kept_tokens"):
+    assert key in last, key
+  assert "mfu" not in last  # CPU: no known peak, so no made-up MFU
+  assert last["kept_tokens"] == 8  # 16 patches at 50%
+  assert records[-1]["loss"] < records[0]["loss"]
+  assert checkpointing.all_steps(checkpointing.checkpoint_dir(straight)) == [20, 30, 40]
+  config = checkpointing.load_config(straight)
+  assert config["masking"]["kind"] == "gaussian" and config["total_steps"] == TOTAL_STEPS
+
+
+def test_tensorboard_event_file_has_the_losses(straight):
+  scalars = logging_lib.read_event_scalars(straight)
+  assert sorted(scalars["loss"]) == list(range(1, TOTAL_STEPS + 1))
+  np.testing.assert_allclose(scalars["loss"][TOTAL_STEPS], losses(straight)[TOTAL_STEPS], rtol=1e-6)
+
+
+def _compare_with_straight(workdir, straight):
+  ours, reference = losses(workdir), losses(straight)
+  assert sorted(ours) == list(range(1, TOTAL_STEPS + 1))
+  assert ours == reference  # bit-exact per-step losses, including those after the resume point
+  jax.tree.map(np.testing.assert_array_equal, final_params(workdir), final_params(straight))
+
+
+def test_kill_9_then_resume_is_exact(straight, tmp_path):
+  workdir, log_path = str(tmp_path / "killed"), str(tmp_path / "log")
+  proc = start(workdir, log_path)
+  wait_for_progress(workdir, 15, proc, log_path)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  resumed_from = checkpointing.all_steps(checkpointing.checkpoint_dir(workdir))[-1]
+  assert 10 <= resumed_from < TOTAL_STEPS
+  # The killed run logged steps past its last checkpoint; the resumed run replaces them.
+  assert max(losses(workdir)) > resumed_from
+  train.train_and_evaluate(tiny_config(), workdir)
+  _compare_with_straight(workdir, straight)
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes_exactly(straight, tmp_path):
+  workdir, log_path = str(tmp_path / "preempted"), str(tmp_path / "log")
+  proc = start(workdir, log_path)
+  wait_for_progress(workdir, 12, proc, log_path)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=120)
+  log = open(log_path).read()
+  assert proc.returncode == 0, log[-3000:]
+  preempted = int(log.split("Preempted at step ")[1].split(":")[0])
+  assert checkpointing.all_steps(checkpointing.checkpoint_dir(workdir))[-1] == preempted
+  assert "preempted_at_step" in log  # the summary table
+  train.train_and_evaluate(tiny_config(), workdir)
+  _compare_with_straight(workdir, straight)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("masking.kind", "blocky", r"masking.kind='blocky'.*allowed"),
+    ("masking.ratio", 1.5, r"masking.ratio=1.5"),
+    ("batch_size", 12, r"batch_size=12 is not divisible by the data-parallel size 8"),
+    ("model.image_size", 30, r"model.image_size=\(30, 30\) is not divisible by the patch size 8"),
+    ("data.source", "webdataset", r"config.data.source='webdataset' is invalid"),
+    ("loss.kind", "cosine", r"loss.kind='cosine'"),
+    ("log_every_steps", 0, r"log_every_steps=0 is invalid"),
+])
+def test_bad_config_fails_before_compute(field, value, message, tmp_path):
+  config = tiny_config()
+  node = config
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)  # failed before writing anything
+
+
+def test_mesh_must_match_devices(tmp_path):
+  config = tiny_config()
+  config.mesh.data = 3
+  with pytest.raises(ValueError, match=r"mesh=.*multiplies to 3 devices but 8 are available"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_durations_in_examples_and_epochs():
+  config = tiny_config()
+  config.total_examples = 100
+  assert train.resolve_total_steps(config) == 7  # ceil(100 / 16)
+  config.total_examples = None
+  config.total_epochs = 0.5
+  config.data.synthetic.train_size = 320
+  assert train.resolve_total_steps(config) == 10
+  config.total_examples = 64
+  with pytest.raises(ValueError, match="give at most one"):
+    train.resolve_total_steps(config)
+
+
+def test_cli_rejects_bad_override(tmp_path):
+  args, env = command(str(tmp_path), "--config.masking.kind=blocky")
+  result = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "masking.kind='blocky'" in result.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_print_table(capsys):
+  print_table("Run", {"steps": 600, "loss": 1.23456, "eval/shape/zeroshot_top1": 0.5})
+  out = capsys.readouterr().out
+  assert "steps" in out and "600" in out and "1.2346" in out and "0.5000" in out
