@@ -175,3 +175,17 @@ def test_print_table(capsys):
   print_table("Run", {"steps": 600, "loss": 1.23456, "eval/shape/zeroshot_top1": 0.5})
   out = capsys.readouterr().out
   assert "steps" in out and "600" in out and "1.2346" in out and "0.5000" in out
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = tiny_config()
+  config.total_steps = 30
+  config.checkpoint_every_steps = 2
+  # Step 1 runs at lr 0 (warmup), so checkpoint 2 is good; step 2's update at lr 1e11 diverges.
+  config.optim.update(lr=1e12, warmup_steps=10, grad_clip_norm=0.0)
+  with pytest.raises(train.NonFiniteError, match=r"Non-finite training values at step (\d+)") as err:
+    train.train_and_evaluate(config, str(tmp_path))
+  bad_step = int(err.value.args[0].split("step ")[1].split(":")[0])
+  saved = checkpointing.all_steps(checkpointing.checkpoint_dir(str(tmp_path)))
+  assert saved and all(step < bad_step for step in saved)
+  assert "last good checkpoint is intact" in str(err.value)

@@ -117,6 +117,9 @@ def main(argv):
   else:
     from glip_jax.data import throughput  # pylint: disable=g-import-not-at-top
     rows = throughput.benchmark_data()
+    print("\nInput pipeline, examples/s on one core (one worker):")
+    for key, value in rows.items():
+      print(f"  {key:<40} {value:>10.0f}" if isinstance(value, float) else f"  {key:<40} {value:>10}")
   if _JSON.value:
     print(json.dumps(rows))
 
