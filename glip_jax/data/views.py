@@ -38,6 +38,9 @@ BLUR_SIGMA = (0.1, 2.0)  # as SLIP/A-CLIP's GaussianBlur([.1, 2.])
 SOLARIZE_PROB = 0.2
 SOLARIZE_THRESHOLD = 128
 
+# What the A-CLIP train step reads from a batch (glip_jax.aclip.train_step).
+BATCH_KEYS = ("image", "image2", "teacher_image", "box1", "box2", "teacher_box", "text")
+
 
 def zoom_out_box(
     box1: Sequence[int],
