@@ -427,3 +427,18 @@ def test_random_ablation_step_runs():
   state, metrics = step(state, _views_batch())
   assert float(metrics["kept_tokens"]) == masking.num_kept(16, 0.5)
   assert np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize("ablation,kind", [("none", "attentive"), ("random", "random")])
+def test_recipe_config(ablation, kind):
+  from configs import aclip_vit_b16
+  config = aclip_vit_b16.get_config(f"data=/data/yfcc/*.arrayrecord,ablation={ablation}")
+  spec = aclip.spec_from_config(config.aclip, 100)
+  assert masking.from_config(config.masking).kind == kind
+  assert aclip.num_kept_patches(clip_lib.grid(config.model), spec) == 100
+  assert config.optim.lr == 5e-4 and config.optim.end_lr == 1e-5 and config.optim.weight_decay == 0.5
+  assert (config.optim.b1, config.optim.b2) == (0.9, 0.98)
+  assert config.batch_size == 4096 and config.total_epochs == 25
+  assert config.optim.warmup_steps == math.ceil(15_000_000 / 4096)  # one epoch
+  with pytest.raises(ValueError, match="ablation='grid'"):
+    aclip_vit_b16.get_config("data=/x,ablation=grid")
