@@ -269,8 +269,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 # Attentive masking: teacher scores → online view grids → blocks → keep indices.
 
 def teacher_scores(attention: jax.Array) -> jax.Array:
-  """[CLS]→patch attention [B, depth, heads, 1+N, 1+N] → mean over layers and heads, [B, N]."""
-  return attention[:, :, :, 0, 1:].astype(jnp.float32).mean(axis=(1, 2))
+  """[CLS]→token attention rows [B, depth, heads, 1+N] → patch scores averaged over layers and heads, [B, N]."""
+  return attention[:, :, :, 1:].astype(jnp.float32).mean(axis=(1, 2))
 
 
 def _interpolation_matrix(coords: jax.Array, size: int) -> jax.Array:

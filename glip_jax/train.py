@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from clu import parameter_overview
 
+from glip_jax import aclip
 from glip_jax import checkpointing
 from glip_jax import flops
 from glip_jax import logging as logging_lib
@@ -30,6 +31,7 @@ from glip_jax.data import config as data_config_lib
 from glip_jax.data import pipeline
 from glip_jax.data import sources
 from glip_jax.data import tokenizer as tokenizer_lib
+from glip_jax.data import views
 from glip_jax.evaluation import builder as eval_builder
 from glip_jax.models import clip as clip_lib
 
@@ -79,6 +81,12 @@ def validate_config(config: ml_collections.ConfigDict) -> masking.MaskingSpec:
     raise ValueError(f"total_steps={config.total_steps!r} is invalid; allowed: an integer >= 1.")
   if config.init_from.path and config.init_from.path == config.get("workdir", None):
     raise ValueError("init_from.path must differ from the workdir.")
+  if spec.kind == "attentive" and "aclip" not in config:
+    raise ValueError("masking.kind='attentive' needs the A-CLIP step and its config.aclip section "
+                     "(teacher, views, losses); start from configs/aclip_vit_b16.py or "
+                     "configs/demo.py:aclip.")
+  if "aclip" in config:
+    aclip.spec_from_config(config.aclip, 1)  # validates the A-CLIP fields
   eval_builder.validate_evals(config)
   return spec
 
@@ -102,15 +110,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if image_size[0] != image_size[1]:
     raise ValueError(f"model.image_size={config.model.image_size!r}: the input pipeline crops "
                      f"square images; use an int.")
-  train_iter = pipeline.make_train_iterator(
-      config.data, global_batch_size=config.batch_size, image_size=image_size[0],
-      seed=config.seed, tokenizer=tokenizer)
+  # A-CLIP trains on two online views plus a zoom-out teacher view of each example, and its step
+  # carries an EMA teacher; everything else in this trainer is shared with CLIP/FLIP/GLIP.
+  is_aclip = "aclip" in config
+  make_iterator = views.make_aclip_train_iterator if is_aclip else pipeline.make_train_iterator
+  batch_keys = views.BATCH_KEYS if is_aclip else ("image", "text")
+  train_iter = make_iterator(config.data, global_batch_size=config.batch_size,
+                             image_size=image_size[0], seed=config.seed, tokenizer=tokenizer)
 
   # ---------------------------------------------------------------- model + optimizer
   model = clip_lib.build_model(config.model)
   tx, schedule = train_step_lib.make_optimizer(config.optim, total_steps)
-  state, state_shardings = train_step_lib.create_train_state(model, tx, config.model, mesh,
-                                                             config.seed)
+  if is_aclip:
+    aclip_spec = aclip.spec_from_config(config.aclip, total_steps)
+    state, state_shardings = aclip.create_train_state(model, tx, config.model, mesh, config.seed,
+                                                      aclip_spec)
+  else:
+    state, state_shardings = train_step_lib.create_train_state(model, tx, config.model, mesh,
+                                                               config.seed)
 
   # ---------------------------------------------------------------- restore / init
   manager = checkpointing.create_manager(
@@ -143,10 +160,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------------------- compile the train step
   step_spec = train_step_lib.StepSpec(masking=masking_spec, grid=clip_lib.grid(config.model),
                                       loss=config.loss.kind, seed=config.seed)
-  train_step = train_step_lib.compile_train_step(model, tx, schedule, step_spec, mesh,
-                                                 state_shardings)
-  flops_per_example = flops.train_flops_per_example(
-      config.model, masking_spec.ratio if masking_spec.active else 0.0)
+  if is_aclip:
+    train_step = aclip.compile_train_step(model, tx, schedule, step_spec, mesh, state_shardings,
+                                          aclip_spec)
+    flops_per_example = aclip.aclip_train_flops_per_example(config.model, aclip_spec, masking_spec)
+  else:
+    train_step = train_step_lib.compile_train_step(model, tx, schedule, step_spec, mesh,
+                                                   state_shardings)
+    flops_per_example = flops.train_flops_per_example(
+        config.model, masking_spec.ratio if masking_spec.active else 0.0)
 
   # ---------------------------------------------------------------- evaluators
   evaluators = eval_builder.build_evaluators(config, model, mesh)
@@ -173,8 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       t0 = time.perf_counter()
       local_batch = next(train_iter)
       data_wait += time.perf_counter() - t0
-      batch = pipeline.make_global_batch(
-          {"image": local_batch["image"], "text": local_batch["text"]}, mesh)
+      batch = pipeline.make_global_batch({k: local_batch[k] for k in batch_keys}, mesh)
       state, metrics = train_step(state, batch)
       step += 1
       interval_steps += 1

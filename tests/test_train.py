@@ -32,9 +32,9 @@ def final_params(workdir):
   return jax.device_get(checkpointing.restore_params_from(workdir, abstract))
 
 
-def start(workdir, log_path):
+def start(workdir, log_path, arg=""):
   """Starts a training subprocess; its log goes to a file (a pipe could fill up and block it)."""
-  args, env = command(workdir)
+  args, env = command(workdir, arg=arg)
   with open(log_path, "w") as log:
     return subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
@@ -85,9 +85,9 @@ def test_tensorboard_event_file_has_the_losses(straight):
   np.testing.assert_allclose(scalars["loss"][TOTAL_STEPS], losses(straight)[TOTAL_STEPS], rtol=1e-6)
 
 
-def _compare_with_straight(workdir, straight):
+def _compare_with_straight(workdir, straight, total_steps=TOTAL_STEPS):
   ours, reference = losses(workdir), losses(straight)
-  assert sorted(ours) == list(range(1, TOTAL_STEPS + 1))
+  assert sorted(ours) == list(range(1, total_steps + 1))
   assert ours == reference  # bit-exact per-step losses, including those after the resume point
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir), final_params(straight))
 
@@ -120,6 +120,32 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(straight, tmp_path):
   assert "preempted_at_step" in log  # the summary table
   train.train_and_evaluate(tiny_config(), workdir)
   _compare_with_straight(workdir, straight)
+
+
+def test_aclip_trains_end_to_end_and_resumes_exactly(tmp_path):
+  """A-CLIP (configs/demo.py:aclip, shrunk): the same CLI, checkpoints and exact resume."""
+  straight_dir = str(tmp_path / "straight")
+  summary = train.train_and_evaluate(tiny_config("aclip"), straight_dir)
+  assert summary["steps"] == TOTAL_STEPS
+  last = logging_lib.read_metrics_jsonl(os.path.join(straight_dir, "metrics.jsonl"))[-1]
+  for key in ("loss_clip", "loss_simclr", "loss_byol", "ema_momentum"):
+    assert key in last, key
+  assert last["kept_tokens"] == 8  # 2 of the 4 2×2 blocks of a 4×4 grid
+
+  workdir, log_path = str(tmp_path / "killed"), str(tmp_path / "log")
+  proc = start(workdir, log_path, arg="aclip")
+  wait_for_progress(workdir, 15, proc, log_path)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  train.train_and_evaluate(tiny_config("aclip"), workdir)
+  _compare_with_straight(workdir, straight_dir)
+
+
+def test_attentive_masking_needs_the_aclip_section(tmp_path):
+  config = tiny_config()
+  config.masking.kind = "attentive"
+  with pytest.raises(ValueError, match=r"masking.kind='attentive' needs the A-CLIP step"):
+    train.train_and_evaluate(config, str(tmp_path))
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -49,6 +49,10 @@ CAPTION_TEMPLATES = (
     "a {shape} that is {colour}",
     "a {size} {shape}, {colour}, on a {background} background",
     "{colour} {shape}",
+    # Shape-only captions: without them the shape word never appears apart from a colour word,
+    # and colour (the easier cue) dominates what the text tower learns about a caption.
+    "a photo of a {shape}",
+    "a {shape} on a {background} background",
 )
 
 # Prompts for zero-shot classification of each label; "{}" is the class name.

@@ -45,10 +45,11 @@ class LayerNorm(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention that can also return its attention weights.
+  """Multi-head self-attention that can also return the first query's attention row.
 
-  The weights are needed by A-CLIP's teacher ([CLS]→patch attention); returning them is opt-in so
-  the training path never materialises more than the softmax already does.
+  A-CLIP's teacher needs the [CLS] (first token) attention to every token. Only that row is
+  returned — [B, heads, T], not [B, heads, T, T] — so a teacher forward keeps no more memory alive
+  than a plain one, and returning it is opt-in.
   """
 
   num_heads: int
@@ -79,7 +80,7 @@ class Attention(nn.Module):
         bias_init=zeros_init((EMBED,)),
         name="out_proj",
     )(out)
-    return (out, weights) if return_weights else out
+    return (out, weights[:, :, 0]) if return_weights else out
 
 
 class MlpBlock(nn.Module):
@@ -143,5 +144,5 @@ class Transformer(nn.Module):
       else:
         x = out
     if return_weights:
-      return x, jnp.stack(all_weights, axis=1)  # [B, depth, heads, q, k]
+      return x, jnp.stack(all_weights, axis=1)  # [B, depth, heads, T]: the first token's row
     return x

@@ -139,7 +139,7 @@ class VisionTransformer(nn.Module):
     out: dict[str, jax.Array] = {}
     if return_attention:
       x, weights = transformer(x, return_weights=True)
-      out["attention"] = weights  # [B, depth, heads, 1+K, 1+K]
+      out["attention"] = weights  # [CLS]→token attention, [B, depth, heads, 1+K]
     else:
       x = transformer(x)
 

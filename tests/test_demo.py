@@ -1,0 +1,27 @@
+"""The demo config, trained as `make demo` trains it, learns the synthetic task (slow: minutes)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from glip_jax import logging as logging_lib
+from glip_jax.data import synthetic
+from runs import REPO
+
+
+@pytest.mark.slow
+def test_demo_reaches_three_times_chance_on_zero_shot_shape(tmp_path):
+  workdir = str(tmp_path / "demo")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one CPU device, as `make demo`
+  result = subprocess.run(
+      [sys.executable, "-m", "glip_jax.main", "--config=configs/demo.py", f"--workdir={workdir}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200)
+  assert result.returncode == 0, result.stdout[-3000:]
+  final = logging_lib.read_metrics_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
+  chance = 1 / len(synthetic.SHAPES)
+  assert final["eval/shape/zeroshot_top1"] >= 3 * chance, final
+  assert final["eval/colour/zeroshot_top1"] >= 3 * chance, final
+  assert final["eval/retrieval/i2t_recall@10"] > 10 / 512  # above chance on 512 test pairs
+  assert "eval/shape/zeroshot_top1" in result.stdout  # the summary table `make demo` prints
