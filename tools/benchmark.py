@@ -1,4 +1,5 @@
-r"""Benchmarks: train-step time vs. mask ratio (`--mode=train`), input pipeline (`--mode=data`).
+r"""Benchmarks: step time vs. mask ratio (`--mode=train`), A-CLIP vs CLIP (`--mode=aclip`), input
+pipeline (`--mode=data`).
 
 Train mode compiles the real train step of a config (model, optimizer, sharding, masking) and times
 it on a device-resident random batch: warm-up steps first, then the median of `--steps` timed steps,
@@ -8,6 +9,7 @@ says how much of the FLOP saving the hardware turns into time.
 
   python tools/benchmark.py --config=configs/demo.py
   python tools/benchmark.py --config=configs/glip_vit_b16.py --config.batch_size=256 --json
+  python tools/benchmark.py --config=configs/demo.py:aclip --mode=aclip
   python tools/benchmark.py --mode=data
 
 With `--json` the last line printed is a JSON list of rows.
@@ -23,6 +25,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from glip_jax import aclip
 from glip_jax import flops
 from glip_jax import masking
 from glip_jax import sharding as sharding_lib
@@ -30,7 +33,9 @@ from glip_jax import train_step as train_step_lib
 from glip_jax.models import clip as clip_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file to benchmark.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "data"], "What to benchmark.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "aclip", "data"],
+                          "train: step time vs mask ratio; aclip: A-CLIP vs CLIP step time; "
+                          "data: input pipeline examples/s.")
 _RATIOS = flags.DEFINE_list("ratios", ["0", "0.5", "0.75", "0.9"], "Mask ratios to time.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per ratio (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
@@ -40,7 +45,10 @@ _JSON = flags.DEFINE_bool("json", False, "Print a JSON list of rows as the last 
 
 
 def random_batch(config, mesh) -> dict[str, jax.Array]:
-  """A device-resident batch of random uint8 images and token ids with an EOT per caption."""
+  """A device-resident batch of random uint8 images and token ids with an EOT per caption.
+
+  For A-CLIP it also holds the second online view, the teacher view and their crop boxes.
+  """
   rng = np.random.default_rng(0)
   h, w = clip_lib.image_size_hw(config.model.image_size)
   length = config.model.text.context_length
@@ -48,19 +56,32 @@ def random_batch(config, mesh) -> dict[str, jax.Array]:
   tokens[:, -1] = 49407
   batch = {"image": rng.integers(0, 256, (config.batch_size, h, w, 3), dtype=np.uint8),
            "text": tokens}
+  if "aclip" in config:
+    batch["image2"] = batch["teacher_image"] = batch["image"]
+    batch["box1"] = batch["box2"] = batch["teacher_box"] = np.tile(
+        np.array([0, 0, 1, 1], np.float32), (config.batch_size, 1))
   return jax.device_put(batch, sharding_lib.batch_sharding(mesh))
 
 
-def time_train_step(config, ratio: float, kind: str, mesh) -> dict[str, float]:
-  """Compiles the train step at one mask ratio and returns its timing row."""
+def time_train_step(config, mesh) -> dict[str, float]:
+  """Compiles the config's train step (CLIP/FLIP/GLIP or A-CLIP) and times it."""
   model = clip_lib.build_model(config.model)
   tx, schedule = train_step_lib.make_optimizer(config.optim, config.total_steps)
-  state, state_shardings = train_step_lib.create_train_state(model, tx, config.model, mesh,
-                                                             config.seed)
-  spec = train_step_lib.StepSpec(
-      masking=masking.MaskingSpec(**{**config.masking.to_dict(), "kind": kind, "ratio": ratio}),
-      grid=clip_lib.grid(config.model), loss=config.loss.kind, seed=config.seed)
-  step = train_step_lib.compile_train_step(model, tx, schedule, spec, mesh, state_shardings)
+  masking_spec = masking.from_config(config.masking)
+  spec = train_step_lib.StepSpec(masking=masking_spec, grid=clip_lib.grid(config.model),
+                                 loss=config.loss.kind, seed=config.seed)
+  if "aclip" in config:
+    aclip_spec = aclip.spec_from_config(config.aclip, config.total_steps)
+    state, shardings = aclip.create_train_state(model, tx, config.model, mesh, config.seed,
+                                                aclip_spec)
+    step = aclip.compile_train_step(model, tx, schedule, spec, mesh, shardings, aclip_spec)
+    gflops = aclip.aclip_train_flops_per_example(config.model, aclip_spec, masking_spec) / 1e9
+  else:
+    state, shardings = train_step_lib.create_train_state(model, tx, config.model, mesh,
+                                                         config.seed)
+    step = train_step_lib.compile_train_step(model, tx, schedule, spec, mesh, shardings)
+    ratio = masking_spec.ratio if masking_spec.active else 0.0
+    gflops = flops.train_flops_per_example(config.model, ratio) / 1e9
   batch = random_batch(config, mesh)
   t0 = time.perf_counter()
   state, metrics = step(state, batch)
@@ -68,7 +89,7 @@ def time_train_step(config, ratio: float, kind: str, mesh) -> dict[str, float]:
   compile_s = time.perf_counter() - t0
   for _ in range(_WARMUP.value):
     state, metrics = step(state, batch)
-  jax.block_until_ready(state)
+    jax.block_until_ready(metrics)
   times = []
   for _ in range(_STEPS.value):
     t0 = time.perf_counter()
@@ -77,43 +98,82 @@ def time_train_step(config, ratio: float, kind: str, mesh) -> dict[str, float]:
     times.append(time.perf_counter() - t0)
   step_time = statistics.median(times)
   return {
-      "ratio": ratio,
       "kept_tokens": int(metrics["kept_tokens"]),
       "step_time_s": step_time,
       "examples_per_s": config.batch_size / step_time,
-      "train_gflops_per_example": flops.train_flops_per_example(config.model, ratio) / 1e9,
+      "train_gflops_per_example": gflops,
       "compile_s": compile_s,
   }
 
 
-def benchmark_train(config) -> list[dict[str, float]]:
-  """Times every requested ratio and adds speedups relative to the first (ratio 0)."""
-  mesh = sharding_lib.create_mesh(config.mesh)
-  sharding_lib.check_batch_size(config.batch_size, mesh)
-  kind = _KIND.value or (config.masking.kind if config.masking.kind != "none" else "random")
-  rows = [time_train_step(config, float(r), kind if float(r) > 0 else "none", mesh)
-          for r in _RATIOS.value]
+def with_masking(config, kind: str, ratio: float, aclip_step: bool):
+  """A copy of `config` with other masking, with or without the A-CLIP step."""
+  config = config.copy_and_resolve_references()
+  config.masking.kind, config.masking.ratio = kind, ratio
+  if not aclip_step and "aclip" in config:
+    with config.unlocked():
+      del config["aclip"]
+  return config
+
+
+def add_speedups(rows: list[dict]) -> None:
+  """Speedups (measured and analytic) relative to the first row."""
   base = rows[0]
   for row in rows:
     row["speedup_measured"] = base["step_time_s"] / row["step_time_s"]
     row["speedup_analytic"] = base["train_gflops_per_example"] / row["train_gflops_per_example"]
-  print(f"\n{config.model.image.variant} @ {config.model.image_size}px, batch {config.batch_size}, "
-        f"masking kind {kind}, {jax.device_count()}× {jax.devices()[0].device_kind}")
-  print(f"{'ratio':>6} {'kept':>5} {'step s':>8} {'ex/s':>9} {'GFLOP/ex':>9} "
-        f"{'speedup':>8} {'analytic':>8} {'ratio m/a':>9}")
+
+
+def print_rows(title: str, rows: list[dict], first_column: str) -> None:
+  """The benchmark table."""
+  print(f"\n{title}, {jax.device_count()}× {jax.devices()[0].device_kind}")
+  print(f"{first_column:>18} {'kept':>5} {'step s':>8} {'ex/s':>9} {'GFLOP/ex':>9} "
+        f"{'speedup':>8} {'analytic':>8} {'meas/anal':>9}")
   for r in rows:
-    print(f"{r['ratio']:>6.3f} {r['kept_tokens']:>5d} {r['step_time_s']:>8.4f} "
+    print(f"{r[first_column]!s:>18} {r['kept_tokens']:>5d} {r['step_time_s']:>8.4f} "
           f"{r['examples_per_s']:>9.1f} {r['train_gflops_per_example']:>9.3f} "
           f"{r['speedup_measured']:>8.2f} {r['speedup_analytic']:>8.2f} "
           f"{r['speedup_measured'] / r['speedup_analytic']:>9.2f}")
+
+
+def benchmark_train(config, mesh) -> list[dict[str, float]]:
+  """Times every requested mask ratio; speedups are relative to the first (ratio 0)."""
+  kind = _KIND.value or (config.masking.kind if config.masking.kind not in ("none", "attentive")
+                         else "random")
+  rows = []
+  for r in map(float, _RATIOS.value):
+    row = time_train_step(with_masking(config, kind if r > 0 else "none", r, False), mesh)
+    rows.append({"ratio": r, **row})
+  add_speedups(rows)
+  print_rows(f"{config.model.image.variant} @ {config.model.image_size}px, batch "
+             f"{config.batch_size}, masking kind {kind}", rows, "ratio")
+  return rows
+
+
+def benchmark_aclip(config, mesh) -> list[dict[str, float]]:
+  """A-CLIP's cost against unmasked CLIP: CLIP, 'random 2×50%' ablation, attentive A-CLIP."""
+  if "aclip" not in config:
+    raise app.UsageError("--mode=aclip needs an A-CLIP config, e.g. configs/demo.py:aclip.")
+  variants = {"clip": with_masking(config, "none", 0.0, False),
+              "aclip_random": with_masking(config, "random", 0.5, True),
+              "aclip_attentive": with_masking(config, "attentive", 0.5, True)}
+  rows = [{"variant": name, **time_train_step(c, mesh)} for name, c in variants.items()]
+  add_speedups(rows)
+  for row in rows:  # A-CLIP reports its cost as a multiple of CLIP's time
+    row["time_vs_clip"] = 1 / row["speedup_measured"]
+  print_rows(f"A-CLIP vs CLIP: {config.model.image.variant} @ {config.model.image_size}px, batch "
+             f"{config.batch_size}", rows, "variant")
   return rows
 
 
 def main(argv):
   del argv
   jax.config.update("jax_threefry_partitionable", True)
-  if _MODE.value == "train":
-    rows = benchmark_train(_CONFIG.value)
+  config = _CONFIG.value
+  if _MODE.value in ("train", "aclip"):
+    mesh = sharding_lib.create_mesh(config.mesh)
+    sharding_lib.check_batch_size(config.batch_size, mesh)
+    rows = (benchmark_train if _MODE.value == "train" else benchmark_aclip)(config, mesh)
   else:
     from glip_jax.data import throughput  # pylint: disable=g-import-not-at-top
     rows = throughput.benchmark_data()
