@@ -472,19 +472,10 @@ def train_step(state: ACLIPState, batch: dict[str, jax.Array], *, model: nn.Modu
     return loss, (aux, clip_params["logit_scale"])
 
   (loss, (aux, logit_scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0,
-                                              train_step_lib.MAX_LOGIT_SCALE)}
-  metrics = {
-      "loss": loss,
-      **aux,
-      "logit_scale": jnp.exp(logit_scale),
-      "grad_norm": optax.global_norm(grads),
-      "lr": schedule(state.step),
-      "kept_tokens": jnp.asarray(n if keep is None else keep.shape[1], jnp.float32),
-      "ema_momentum": momentum,
-  }
+  params, opt_state = train_step_lib.apply_gradients(state, grads, tx)
+  metrics = train_step_lib.step_metrics(state, grads, schedule, loss, aux, logit_scale, spec.grid,
+                                        keep)
+  metrics["ema_momentum"] = momentum
   new_state = ACLIPState(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema_params)
   return new_state, metrics
@@ -496,12 +487,10 @@ def compile_train_step(model: nn.Module, tx: optax.GradientTransformation,
   """`jax.jit` of the A-CLIP train_step with explicit shardings and the state donated."""
   if spec.masking.kind == "attentive":
     block_grid(spec.grid, aclip_config.block_size)  # fails before compiling, naming the field
-  batch_sharding = sharding_lib.batch_sharding(mesh)
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, spec=spec,
-                           aclip_spec=aclip_config, batch_sharding=batch_sharding)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+                           aclip_spec=aclip_config,
+                           batch_sharding=sharding_lib.batch_sharding(mesh))
+  return train_step_lib.jit_train_step(step, mesh, state_shardings)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -119,33 +119,50 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     return loss, (aux, outputs["logit_scale"])
 
   (loss, (aux, logit_scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  params, opt_state = apply_gradients(state, grads, tx)
+  metrics = step_metrics(state, grads, schedule, loss, aux, logit_scale, spec.grid, keep)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def apply_gradients(state: TrainState, grads: Any,
+                    tx: optax.GradientTransformation) -> tuple[Any, Any]:
+  """The optimizer update, then the temperature clamp; returns (params, opt_state)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # As open_clip: the temperature is clamped after the update, so it can come back down.
   params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)}
-  n = spec.grid[0] * spec.grid[1]
-  metrics = {
+  return params, opt_state
+
+
+def step_metrics(state: TrainState, grads: Any, schedule: optax.Schedule, loss: jax.Array,
+                 aux: dict[str, jax.Array], logit_scale: jax.Array, grid: tuple[int, int],
+                 keep: jax.Array | None) -> dict[str, jax.Array]:
+  """The metrics every train step reports (CLIP/FLIP/GLIP and A-CLIP alike)."""
+  return {
       "loss": loss,
       **aux,
       "logit_scale": jnp.exp(logit_scale),
       "grad_norm": optax.global_norm(grads),
       "lr": schedule(state.step),
-      "kept_tokens": jnp.asarray(n if keep is None else keep.shape[1], jnp.float32),
+      "kept_tokens": jnp.asarray(grid[0] * grid[1] if keep is None else keep.shape[1], jnp.float32),
   }
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def jit_train_step(step: Callable, mesh: Mesh, state_shardings: Any) -> Callable:
+  """`jax.jit(step)` with explicit shardings and the state donated; `step(state, batch)`."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # One batch sharding serves every array of the batch dict (a pytree prefix).
+  return jax.jit(step, in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
 def compile_train_step(model: nn.Module, tx: optax.GradientTransformation,
                        schedule: optax.Schedule, spec: StepSpec, mesh: Mesh,
                        state_shardings: Any) -> Callable:
-  """`jax.jit` of train_step with explicit shardings and the state donated."""
-  batch_sharding = sharding_lib.batch_sharding(mesh)
+  """The jitted, sharded train_step for this model, optimizer and step spec."""
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, spec=spec,
-                           batch_sharding=batch_sharding)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  # One batch sharding serves every array of the batch dict (a pytree prefix).
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+                           batch_sharding=sharding_lib.batch_sharding(mesh))
+  return jit_train_step(step, mesh, state_shardings)
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,

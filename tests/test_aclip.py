@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
-from scipy import special  # scipy is a dependency of jax
 
 from configs import common
 from glip_jax import aclip
@@ -18,7 +17,7 @@ from glip_jax import masking
 from glip_jax import sharding as sharding_lib
 from glip_jax import train_step as train_step_lib
 from glip_jax.models import clip as clip_lib
-from glip_jax.models import vit
+from reference_vit import reference_vit
 
 TINY_HEADS = dict(simclr_dims=(64, 64, 32), projector_dims=(64, 32), predictor_dims=(64, 32))
 
@@ -44,47 +43,12 @@ def tiny_model():
 # ----------------------------------------------------------------------------------------------
 # Teacher scores.
 
-def _layer_norm(x, p):
-  mean = x.mean(-1, keepdims=True)
-  var = ((x - mean) ** 2).mean(-1, keepdims=True)
-  return (x - mean) / np.sqrt(var + 1e-5) * p["norm"]["scale"] + p["norm"]["bias"]
-
-
-def _reference_cls_attention(p, images):
-  """Independent numpy forward of the image tower; returns each layer's [CLS] attention row."""
-  p = jax.tree.map(np.asarray, p)
-  x = (images.astype(np.float32) - np.array(vit.CLIP_MEAN) * 255) / (np.array(vit.CLIP_STD) * 255)
-  b, h, w, _ = x.shape
-  ps = p["conv1"]["kernel"].shape[0]
-  patches = x.reshape(b, h // ps, ps, w // ps, ps, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, ps * ps * 3)
-  tokens = patches @ p["conv1"]["kernel"].reshape(ps * ps * 3, -1) + p["positional_embedding"][1:]
-  cls = np.broadcast_to(p["class_embedding"] + p["positional_embedding"][0], (b, 1, tokens.shape[-1]))
-  x = _layer_norm(np.concatenate([cls, tokens], 1), p["ln_pre"])
-  rows = []
-  for i in range(len([k for k in p["transformer"] if k.startswith("resblocks")])):
-    blk = p["transformer"][f"resblocks_{i}"]
-    y = _layer_norm(x, blk["ln_1"])
-    qkv = np.einsum("btd,dchk->btchk", y, blk["attn"]["in_proj"]["kernel"]) + blk["attn"]["in_proj"]["bias"]
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    att = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-    att = np.exp(att - att.max(-1, keepdims=True))
-    att /= att.sum(-1, keepdims=True)
-    rows.append(att[:, :, 0])  # [B, heads, 1+N]
-    o = np.einsum("bhqk,bkhd->bqhd", att, v)
-    x = x + np.einsum("bqhd,hdo->bqo", o, blk["attn"]["out_proj"]["kernel"]) + blk["attn"]["out_proj"]["bias"]
-    y = _layer_norm(x, blk["ln_2"])
-    hdn = y @ blk["mlp"]["c_fc"]["kernel"] + blk["mlp"]["c_fc"]["bias"]
-    hdn = 0.5 * hdn * (1 + special.erf(hdn / np.sqrt(2)))
-    x = x + hdn @ blk["mlp"]["c_proj"]["kernel"] + blk["mlp"]["c_proj"]["bias"]
-  return np.stack(rows, axis=1)  # [B, depth, heads, 1+N]
-
-
 def test_teacher_scores_equal_cls_attention_averaged_over_layers_and_heads(tiny_model):
   _, model, params = tiny_model
   images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
   out = model.apply({"params": params}, images, None, True, method="image_features")
   scores = aclip.teacher_scores(out["attention"])
-  rows = _reference_cls_attention(params["image"], images)
+  _, rows = reference_vit(params["image"], images)
   assert rows.shape[1] == 2  # both layers of 'mu' enter the average
   np.testing.assert_allclose(scores, rows[..., 1:].mean(axis=(1, 2)), rtol=1e-4, atol=1e-6)
   # Rows of a softmax: the [CLS]→patch part is what is left after the [CLS]→[CLS] weight.

@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import special  # scipy is a dependency of jax
 
 from glip_jax.models import clip as clip_lib
-from glip_jax.models import vit
+from reference_vit import reference_vit
 
 
 def param_count(variant, image_size=224):
@@ -66,46 +65,11 @@ def test_keeping_all_patches_in_order_equals_no_masking(tiny):
   np.testing.assert_allclose(full, kept, atol=1e-6)
 
 
-def _layer_norm(x, p):
-  mean = x.mean(-1, keepdims=True)
-  var = ((x - mean) ** 2).mean(-1, keepdims=True)
-  return (x - mean) / np.sqrt(var + 1e-5) * p["norm"]["scale"] + p["norm"]["bias"]
-
-
-def _reference_vit(p, images, keep):
-  """An independent numpy forward of the image tower on the kept tokens."""
-  p = jax.tree.map(np.asarray, p)
-  x = (images.astype(np.float32) - np.array(vit.CLIP_MEAN) * 255) / (np.array(vit.CLIP_STD) * 255)
-  b, h, w, _ = x.shape
-  ps = p["conv1"]["kernel"].shape[0]
-  patches = x.reshape(b, h // ps, ps, w // ps, ps, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, ps * ps * 3)
-  tokens = patches @ p["conv1"]["kernel"].reshape(ps * ps * 3, -1)
-  tokens = tokens + p["positional_embedding"][1:]
-  tokens = np.stack([tokens[i, keep[i]] for i in range(b)])  # each token keeps its own position
-  cls = np.broadcast_to(p["class_embedding"] + p["positional_embedding"][0], (b, 1, tokens.shape[-1]))
-  x = _layer_norm(np.concatenate([cls, tokens], 1), p["ln_pre"])
-  for i in range(len([k for k in p["transformer"] if k.startswith("resblocks")])):
-    blk = p["transformer"][f"resblocks_{i}"]
-    y = _layer_norm(x, blk["ln_1"])
-    qkv = np.einsum("btd,dchk->btchk", y, blk["attn"]["in_proj"]["kernel"]) + blk["attn"]["in_proj"]["bias"]
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    att = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-    att = np.exp(att - att.max(-1, keepdims=True))
-    att /= att.sum(-1, keepdims=True)
-    o = np.einsum("bhqk,bkhd->bqhd", att, v)
-    x = x + np.einsum("bqhd,hdo->bqo", o, blk["attn"]["out_proj"]["kernel"]) + blk["attn"]["out_proj"]["bias"]
-    y = _layer_norm(x, blk["ln_2"])
-    hdn = y @ blk["mlp"]["c_fc"]["kernel"] + blk["mlp"]["c_fc"]["bias"]
-    hdn = 0.5 * hdn * (1 + special.erf(hdn / np.sqrt(2)))
-    x = x + hdn @ blk["mlp"]["c_proj"]["kernel"] + blk["mlp"]["c_proj"]["bias"]
-  return _layer_norm(x[:, 0], p["ln_post"]) @ p["proj"]
-
-
 def test_forward_on_kept_tokens_equals_independent_reference(tiny):
   _, model, params, images, _ = tiny
   keep = np.array([[0, 5, 23, 11], [3, 4, 9, 20], [1, 2, 7, 8]], np.int32)
   ours = model.apply({"params": params}, images, keep, normalize=False, method="encode_image")
-  reference = _reference_vit(params["image"], images, keep)
+  reference, _ = reference_vit(params["image"], images, keep)
   np.testing.assert_allclose(ours, reference, rtol=2e-4, atol=2e-5)
   # Order of kept tokens is irrelevant: position embeddings travel with the tokens.
   shuffled = model.apply({"params": params}, images, keep[:, ::-1].copy(), normalize=False,
