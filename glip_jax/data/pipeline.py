@@ -215,17 +215,20 @@ def make_train_iterator(
     seed: int,
     tokenizer: Tokenizer,
     shard_options: grain.sharding.ShardOptions | None = None,
+    preprocess: grain.transforms.RandomMap | None = None,
 ) -> grain.DatasetIterator:
     """Checkpointable iterator over this process' local training batches (see module docstring)."""
-    ds = make_train_dataset(
-        data_cfg,
-        global_batch_size=global_batch_size,
-        image_size=image_size,
-        seed=seed,
-        tokenizer=tokenizer,
-        shard_options=shard_options,
+    return iter(
+        make_train_dataset(
+            data_cfg,
+            global_batch_size=global_batch_size,
+            image_size=image_size,
+            seed=seed,
+            tokenizer=tokenizer,
+            shard_options=shard_options,
+            preprocess=preprocess,
+        )
     )
-    return iter(ds)
 
 
 def make_eval_batches(

@@ -170,15 +170,12 @@ def make_aclip_train_iterator(
     (pipeline.make_train_dataset); only the per-record preprocessing differs. `data_cfg.flip` is
     ignored: A-CLIP views are never flipped.
     """
-    preprocess = ACLIPPreprocess(image_size, tokenizer, data_cfg.crop_scale, data_cfg.crop_ratio)
-    return iter(
-        pipeline.make_train_dataset(
-            data_cfg,
-            global_batch_size=global_batch_size,
-            image_size=image_size,
-            seed=seed,
-            tokenizer=tokenizer,
-            shard_options=shard_options,
-            preprocess=preprocess,
-        )
+    return pipeline.make_train_iterator(
+        data_cfg,
+        global_batch_size=global_batch_size,
+        image_size=image_size,
+        seed=seed,
+        tokenizer=tokenizer,
+        shard_options=shard_options,
+        preprocess=ACLIPPreprocess(image_size, tokenizer, data_cfg.crop_scale, data_cfg.crop_ratio),
     )
