@@ -1,4 +1,4 @@
-"""Tests for glip_jax.evaluation.builder: config validation and evaluators built from config.evals."""
+"""Tests for glip_jax.evaluation.builder: config.evals validation and the evaluators built."""
 import ml_collections
 import optax
 import pytest

@@ -22,14 +22,17 @@ def _write(path, records):
 def runs(tmp_path):
   glip, tuned, clip = (str(tmp_path / n) for n in ("glip50", "glip50_tuned", "clip"))
   _write(os.path.join(glip, "eval", "metrics.jsonl"), [
-      {"step": 100, "eval/imagenet/zeroshot_top1": 0.20, "eval/imagenet_masked/zeroshot_top1": 0.1},
-      {"step": 200, "eval/imagenet/zeroshot_top1": 0.371, "eval/imagenet_masked/zeroshot_top1": 0.354},
+      {"step": 100, "eval/imagenet/zeroshot_top1": 0.2, "eval/imagenet_masked/zeroshot_top1": 0.1},
+      {"step": 200, "eval/imagenet/zeroshot_top1": 0.371,
+       "eval/imagenet_masked/zeroshot_top1": 0.354},
   ])
   # In-loop metrics of the same run: train lines without eval keys, an older eval.
   _write(os.path.join(glip, "metrics.jsonl"), [
       {"step": 150, "loss": 3.0}, {"step": 100, "eval/imagenet/zeroshot_top1": 0.2}])
-  _write(os.path.join(tuned, "metrics.jsonl"), [{"step": 10, "eval/imagenet/zeroshot_top1": 0.372}])
-  _write(os.path.join(clip, "eval", "metrics.jsonl"), [{"step": 5, "eval/in1k/zeroshot_top1": 0.365}])
+  _write(os.path.join(tuned, "metrics.jsonl"),
+         [{"step": 10, "eval/imagenet/zeroshot_top1": 0.372}])
+  _write(os.path.join(clip, "eval", "metrics.jsonl"),
+         [{"step": 5, "eval/in1k/zeroshot_top1": 0.365}])
   return glip, tuned, clip
 
 

@@ -186,7 +186,8 @@ class KarpathySource:
         if not os.path.isfile(self.json_path):
             raise FileNotFoundError(
                 f"data.karpathy.json_path={json_path!r} does not exist; get dataset_coco.json / "
-                "dataset_flickr30k.json from Karpathy's caption_datasets.zip (see docs/evaluation.md)"
+                "dataset_flickr30k.json from Karpathy's caption_datasets.zip "
+                "(see docs/evaluation.md)"
             )
         with open(self.json_path, encoding="utf-8") as f:
             images = json.load(f)["images"]

@@ -409,7 +409,7 @@ def _batches_fn(ds_cfg: ml_collections.ConfigDict, batch_size: int, image_size: 
 def build_evaluators(config: ml_collections.ConfigDict, model: clip_lib.CLIP,
                      mesh: jax.sharding.Mesh, *,
                      tokenizer: Tokenizer | None = None) -> list[ScheduledEvaluator]:
-  """One ScheduledEvaluator per `config.evals` entry, validated first, sharing one set of encoders."""
+  """One ScheduledEvaluator per `config.evals` entry (validated first), sharing one encoder pair."""
   entries = validate_evals(config)
   for name, entry in entries.items():
     sharding_lib.check_batch_size(entry.batch_size, mesh, field=f"evals.{name}.batch_size")
