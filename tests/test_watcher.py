@@ -141,3 +141,11 @@ def test_format_table():
   table = watcher.format_table({"eval/a/top1": 0.5, "eval/bb/recall@1": 0.25})
   assert table.splitlines() == ["name  metric    value", "a     top1      0.5000",
                                 "bb    recall@1  0.2500"]
+
+
+def test_model_mismatch_names_the_differing_fields(watched):
+  workdir, _, _ = watched
+  config = _config()
+  config.model.embed_dim = 32
+  with pytest.raises(ValueError, match=r"different model .*model\.embed_dim: 64 != 32"):
+    watcher.run_watcher(config, workdir, checkpoint=os.fspath(workdir))

@@ -29,6 +29,7 @@ from etils import epath
 from glip_jax import checkpointing
 from glip_jax import logging as logging_lib
 from glip_jax import sharding as sharding_lib
+from glip_jax import train
 from glip_jax.evaluation import builder
 from glip_jax.models import clip as clip_lib
 
@@ -46,11 +47,7 @@ def eval_dir(workdir: str | os.PathLike[str]) -> epath.Path:
 
 def final_step(config: ml_collections.ConfigDict) -> int:
   """The last training step (the trainer's resolution of total_steps/epochs/examples)."""
-  try:
-    from glip_jax import train  # pylint: disable=g-import-not-at-top  (heavy; only for this)
-    return int(train.resolve_total_steps(config))
-  except (ImportError, AttributeError):
-    return int(config.total_steps)
+  return train.resolve_total_steps(config)
 
 
 def eval_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -107,6 +104,31 @@ def _resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[epath.Path, int]:
                           "step directory, a checkpoint directory or a workdir).")
 
 
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+  """'field: a != b' for every leaf where two nested dicts differ."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [d for k in sorted(set(a) | set(b))
+            for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+  # JSON turns tuples into lists; compare them alike.
+  norm = lambda x: list(x) if isinstance(x, (list, tuple)) else x  # noqa: E731
+  return [] if norm(a) == norm(b) else [f"{prefix[:-1]}: {b!r} != {a!r}"]
+
+
+def restore_params(step_dir: epath.Path, target: Any,
+                   config: ml_collections.ConfigDict) -> Any:
+  """Parameters of one checkpoint; a shape mismatch names the model fields that differ."""
+  try:
+    return checkpointing.restore_params_from(step_dir, target)
+  except ValueError as e:
+    saved = checkpointing.load_config(step_dir).get("model", {})
+    diff = _differences(config.model.to_dict(), saved, "model.")
+    if not diff:
+      raise
+    raise ValueError(f"{os.fspath(step_dir)} was written by a different model than config.model "
+                     f"describes (checkpoint != given): {'; '.join(diff)}. Evaluate with the "
+                     f"config the run was trained with.") from e
+
+
 def format_table(results: dict[str, float]) -> str:
   """A name / metric / value table of 'eval/<name>/<metric>' results."""
   rows = [key.split("/", 2)[1:] + [f"{value:.4f}"] for key, value in sorted(results.items())]
@@ -130,7 +152,7 @@ def run_watcher(config: ml_collections.ConfigDict, workdir: str | os.PathLike[st
 
   if checkpoint is not None:
     step_dir, step = _resolve_checkpoint(checkpoint)
-    params = checkpointing.restore_params_from(step_dir, target)
+    params = restore_params(step_dir, target, config)
     results = builder.run_evaluators(evaluators, params)
     print(f"{os.fspath(step_dir)} (step {step})\n{format_table(results)}")
     return results
@@ -150,7 +172,7 @@ def run_watcher(config: ml_collections.ConfigDict, workdir: str | os.PathLike[st
           continue
         step_dir = ckpt_dir / str(step)
         try:
-          params = checkpointing.restore_params_from(step_dir, target)
+          params = restore_params(step_dir, target, config)
         except Exception:  # pylint: disable=broad-except
           # Orbax raises various errors for files vanishing mid-read; only a vanished step is ok.
           if step_dir.exists():
