@@ -62,4 +62,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       retrieval=dict(kind="retrieval", dataset=test_split("shape"), every_steps=200,
                      batch_size=256),
   ))
+  if kind in ("gaussian", "random"):
+    # The same task with the training masking: the "masked inference" column of the FLIP/GLIP
+    # tables (evaluation is unmasked by default).
+    c.evals.shape_masked = dict(kind="zeroshot", dataset=test_split("shape"),
+                                classnames="synthetic:shape", masking="train", every_steps=200,
+                                batch_size=256)
   return c
