@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices so that every run exercises sharding."""
+
 import os
 
 # Must happen before jax is imported anywhere.

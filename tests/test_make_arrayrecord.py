@@ -1,4 +1,5 @@
 """Converter round trips for every input format, with a corrupt JPEG and an empty caption skipped."""
+
 import csv
 import io
 import json
@@ -21,9 +22,9 @@ from glip_jax.data import transforms  # noqa: E402
 
 
 def _jpeg(value: int, size=(40, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(buffer, format="JPEG")
-    return buffer.getvalue()
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(buffer, format="JPEG")
+  return buffer.getvalue()
 
 
 CORRUPT = _jpeg(9)[:40]  # A truncated JPEG: the header parses, the decode fails.
@@ -39,99 +40,118 @@ EXPECTED_SKIPS = {"undecodable_image": 1, "empty_caption": 1}
 
 
 def _read_back(out_dir, prefix="data"):
-    source = sources.ArrayRecordSource(os.path.join(out_dir, f"{prefix}-*.array_record"))
-    return [source[i] for i in range(len(source))]
+  source = sources.ArrayRecordSource(os.path.join(out_dir, f"{prefix}-*.array_record"))
+  return [source[i] for i in range(len(source))]
 
 
 def _check(summary, out_dir, resize=0):
-    assert summary["written"] == 2
-    assert summary["skipped"] == EXPECTED_SKIPS
-    rows = _read_back(out_dir)
-    assert {r["captions"][0] for r in rows} == EXPECTED_CAPTIONS
-    for row in rows:
-        image = transforms.decode(row["image_bytes"])
-        assert min(image.size) == (resize or 30)
-    with open(os.path.join(out_dir, "data-summary.json")) as f:
-        assert json.load(f)["written"] == 2
-    return rows
+  assert summary["written"] == 2
+  assert summary["skipped"] == EXPECTED_SKIPS
+  rows = _read_back(out_dir)
+  assert {r["captions"][0] for r in rows} == EXPECTED_CAPTIONS
+  for row in rows:
+    image = transforms.decode(row["image_bytes"])
+    assert min(image.size) == (resize or 30)
+  with open(os.path.join(out_dir, "data-summary.json")) as f:
+    assert json.load(f)["written"] == 2
+  return rows
 
 
 def _add(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
 
 
 def test_webdataset(tmp_path):
-    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
-        for i, (key, image, caption) in enumerate(EXAMPLES):
-            _add(tar, f"{key}.jpg", image)
-            if i == 1:  # Caption only in the json, as img2dataset can write it.
-                _add(tar, f"{key}.json", json.dumps({"caption": caption, "url": "http://x"}).encode())
-            else:
-                _add(tar, f"{key}.txt", caption.encode())
-                _add(tar, f"{key}.json", json.dumps({"url": f"http://{key}", "width": 40}).encode())
-    out = tmp_path / "out"
-    summary = make_arrayrecord.main(
-        ["--input_format=webdataset", f"--input={tmp_path}/*.tar", f"--output_dir={out}",
-         "--records_per_shard=1", "--resize=20"]
-    )
-    rows = _check(summary, out, resize=20)
-    assert len(summary["shards"]) == 2  # one record per shard
-    assert rows[0]["key"] == "00000/000" and rows[0]["metadata"]["url"] == "http://000"
+  with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+    for i, (key, image, caption) in enumerate(EXAMPLES):
+      _add(tar, f"{key}.jpg", image)
+      if i == 1:  # Caption only in the json, as img2dataset can write it.
+        _add(tar, f"{key}.json", json.dumps({"caption": caption, "url": "http://x"}).encode())
+      else:
+        _add(tar, f"{key}.txt", caption.encode())
+        _add(tar, f"{key}.json", json.dumps({"url": f"http://{key}", "width": 40}).encode())
+  out = tmp_path / "out"
+  summary = make_arrayrecord.main(
+      [
+          "--input_format=webdataset",
+          f"--input={tmp_path}/*.tar",
+          f"--output_dir={out}",
+          "--records_per_shard=1",
+          "--resize=20",
+      ]
+  )
+  rows = _check(summary, out, resize=20)
+  assert len(summary["shards"]) == 2  # one record per shard
+  assert rows[0]["key"] == "00000/000" and rows[0]["metadata"]["url"] == "http://000"
 
 
 def test_parquet(tmp_path):
-    table = pa.table({
-        "jpg": [e[1] for e in EXAMPLES],
-        "caption": [e[2] for e in EXAMPLES],
-        "key": [e[0] for e in EXAMPLES],
-    })
-    pq.write_table(table, tmp_path / "part.parquet")
-    out = tmp_path / "out"
-    summary = make_arrayrecord.main(
-        ["--input_format=parquet", f"--input={tmp_path}/part.parquet", f"--output_dir={out}"]
-    )
-    rows = _check(summary, out)
-    assert {r["key"] for r in rows} == {"000", "001"}
+  table = pa.table(
+      {
+          "jpg": [e[1] for e in EXAMPLES],
+          "caption": [e[2] for e in EXAMPLES],
+          "key": [e[0] for e in EXAMPLES],
+      }
+  )
+  pq.write_table(table, tmp_path / "part.parquet")
+  out = tmp_path / "out"
+  summary = make_arrayrecord.main(
+      ["--input_format=parquet", f"--input={tmp_path}/part.parquet", f"--output_dir={out}"]
+  )
+  rows = _check(summary, out)
+  assert {r["key"] for r in rows} == {"000", "001"}
 
 
 @pytest.mark.parametrize("delimiter", [",", "\t"])
 def test_csv_with_image_folder(tmp_path, delimiter):
-    images = tmp_path / "images"
-    images.mkdir()
-    name = "captions.tsv" if delimiter == "\t" else "captions.csv"
-    with open(tmp_path / name, "w", newline="") as f:
-        writer = csv.writer(f, delimiter=delimiter)
-        writer.writerow(["filepath", "title"])
-        for key, image, caption in EXAMPLES:
-            (images / f"{key}.jpg").write_bytes(image)
-            writer.writerow([f"{key}.jpg", caption])
-        writer.writerow(["missing.jpg", "no such file"])
-    out = tmp_path / "out"
-    summary = make_arrayrecord.main(
-        ["--input_format=csv", f"--input={tmp_path / name}", f"--image_root={images}",
-         "--caption_column=title", f"--output_dir={out}"]
-    )
-    assert summary["skipped"].pop("missing_image") == 1
-    _check(summary, out)
+  images = tmp_path / "images"
+  images.mkdir()
+  name = "captions.tsv" if delimiter == "\t" else "captions.csv"
+  with open(tmp_path / name, "w", newline="") as f:
+    writer = csv.writer(f, delimiter=delimiter)
+    writer.writerow(["filepath", "title"])
+    for key, image, caption in EXAMPLES:
+      (images / f"{key}.jpg").write_bytes(image)
+      writer.writerow([f"{key}.jpg", caption])
+    writer.writerow(["missing.jpg", "no such file"])
+  out = tmp_path / "out"
+  summary = make_arrayrecord.main(
+      [
+          "--input_format=csv",
+          f"--input={tmp_path / name}",
+          f"--image_root={images}",
+          "--caption_column=title",
+          f"--output_dir={out}",
+      ]
+  )
+  assert summary["skipped"].pop("missing_image") == 1
+  _check(summary, out)
 
 
 def test_synthetic(tmp_path):
-    summary = make_arrayrecord.main(
-        ["--input_format=synthetic", "--num_examples=5", "--synthetic_image_size=40",
-         "--resize=32", f"--output_dir={tmp_path}", "--prefix=val", "--split=validation"]
-    )
-    assert summary["written"] == 5 and summary["skipped"] == {}
-    rows = _read_back(tmp_path, "val")
-    assert rows[0]["key"] == "synthetic/validation/0"
-    assert set(rows[0]["metadata"]) == {"shape", "colour", "size"}
-    assert rows[0]["label"] == rows[0]["metadata"]["shape"]
+  summary = make_arrayrecord.main(
+      [
+          "--input_format=synthetic",
+          "--num_examples=5",
+          "--synthetic_image_size=40",
+          "--resize=32",
+          f"--output_dir={tmp_path}",
+          "--prefix=val",
+          "--split=validation",
+      ]
+  )
+  assert summary["written"] == 5 and summary["skipped"] == {}
+  rows = _read_back(tmp_path, "val")
+  assert rows[0]["key"] == "synthetic/validation/0"
+  assert set(rows[0]["metadata"]) == {"shape", "colour", "size"}
+  assert rows[0]["label"] == rows[0]["metadata"]["shape"]
 
 
 def test_unknown_column_is_a_clear_error(tmp_path):
-    pq.write_table(pa.table({"jpg": [b""], "text": ["x"]}), tmp_path / "p.parquet")
-    with pytest.raises(SystemExit, match="caption"):
-        make_arrayrecord.main(
-            ["--input_format=parquet", f"--input={tmp_path}/p.parquet", f"--output_dir={tmp_path}"]
-        )
+  pq.write_table(pa.table({"jpg": [b""], "text": ["x"]}), tmp_path / "p.parquet")
+  with pytest.raises(SystemExit, match="caption"):
+    make_arrayrecord.main(
+        ["--input_format=parquet", f"--input={tmp_path}/p.parquet", f"--output_dir={tmp_path}"]
+    )

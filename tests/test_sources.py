@@ -1,5 +1,6 @@
 """Sources: ArrayRecord round trip and path errors, TFDS (built here, read without TF) including
 through the pipeline, and the synthetic source from config."""
+
 import io
 
 import grain
@@ -16,133 +17,158 @@ from glip_jax.data.tokenizer import Tokenizer
 
 
 def _jpeg(value: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((24, 32, 3), value, np.uint8)).save(buffer, format="JPEG")
-    return buffer.getvalue()
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((24, 32, 3), value, np.uint8)).save(buffer, format="JPEG")
+  return buffer.getvalue()
 
 
 def _write_shards(directory, counts):
-    from array_record.python.array_record_module import ArrayRecordWriter
+  from array_record.python.array_record_module import ArrayRecordWriter
 
-    index = 0
-    for shard, count in enumerate(counts):
-        writer = ArrayRecordWriter(str(directory / f"part-{shard:05d}.array_record"), "group_size:1")
-        for _ in range(count):
-            writer.write(records.encode_record(_jpeg(index), [f"caption {index}", "other"],
-                                               f"k{index}", label=index % 3))
-            index += 1
-        writer.close()
+  index = 0
+  for shard, count in enumerate(counts):
+    writer = ArrayRecordWriter(str(directory / f"part-{shard:05d}.array_record"), "group_size:1")
+    for _ in range(count):
+      writer.write(
+          records.encode_record(
+              _jpeg(index), [f"caption {index}", "other"], f"k{index}", label=index % 3
+          )
+      )
+      index += 1
+    writer.close()
 
 
 def test_record_format_round_trip():
-    data = records.encode_record(b"\xff\xd8", ["a", "b"], "key1", 4, {"url": "u"})
-    assert b"pickle" not in data
-    record = records.decode_record(data)
-    assert record == {"image_bytes": b"\xff\xd8", "captions": ["a", "b"], "label": 4,
-                      "key": "key1", "metadata": {"url": "u"}}
-    with pytest.raises(ValueError):
-        records.encode_record(b"", [], "k")
+  data = records.encode_record(b"\xff\xd8", ["a", "b"], "key1", 4, {"url": "u"})
+  assert b"pickle" not in data
+  record = records.decode_record(data)
+  assert record == {
+      "image_bytes": b"\xff\xd8",
+      "captions": ["a", "b"],
+      "label": 4,
+      "key": "key1",
+      "metadata": {"url": "u"},
+  }
+  with pytest.raises(ValueError):
+    records.encode_record(b"", [], "k")
 
 
 def test_arrayrecord_source_glob_list_and_order(tmp_path):
-    _write_shards(tmp_path, [3, 2])
-    by_glob = sources.ArrayRecordSource(str(tmp_path / "part-*.array_record"))
-    by_list = sources.ArrayRecordSource(sorted(str(p) for p in tmp_path.glob("*.array_record")))
-    assert len(by_glob) == len(by_list) == 5
-    record = by_glob[4]
-    assert record["key"] == "k4" and record["captions"] == ["caption 4", "other"]
-    assert record["label"] == 1 and by_list[4]["key"] == "k4"
+  _write_shards(tmp_path, [3, 2])
+  by_glob = sources.ArrayRecordSource(str(tmp_path / "part-*.array_record"))
+  by_list = sources.ArrayRecordSource(sorted(str(p) for p in tmp_path.glob("*.array_record")))
+  assert len(by_glob) == len(by_list) == 5
+  record = by_glob[4]
+  assert record["key"] == "k4" and record["captions"] == ["caption 4", "other"]
+  assert record["label"] == 1 and by_list[4]["key"] == "k4"
 
 
 def test_arrayrecord_source_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="matches no file"):
-        sources.ArrayRecordSource(str(tmp_path / "*.array_record"))
-    with pytest.raises(ValueError, match="empty"):
-        sources.ArrayRecordSource([])
+  with pytest.raises(FileNotFoundError, match="matches no file"):
+    sources.ArrayRecordSource(str(tmp_path / "*.array_record"))
+  with pytest.raises(ValueError, match="empty"):
+    sources.ArrayRecordSource([])
 
 
 class TinyCaptions(tfds.core.GeneratorBasedBuilder):
-    """Images with two captions and a label; DatasetInfo built directly (no package directory)."""
+  """Images with two captions and a label; DatasetInfo built directly (no package directory)."""
 
-    VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.0.0")
 
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict({
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+            {
                 "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
                 "captions": tfds.features.Sequence(tfds.features.Text()),
                 "label": tfds.features.ClassLabel(num_classes=4),
-            }),
-        )
+            }
+        ),
+    )
 
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(12), "test": self._generate_examples(5)}
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(12), "test": self._generate_examples(5)}
 
-    def _generate_examples(self, n):
-        for i in range(n):
-            yield str(i), {"image": _jpeg(20 * i), "captions": [f"thing {i}", f"item {i}"],
-                           "label": i % 4}
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield str(i), {
+          "image": _jpeg(20 * i),
+          "captions": [f"thing {i}", f"item {i}"],
+          "label": i % 4,
+      }
 
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("tfds")
-    TinyCaptions(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-    return str(data_dir)
+  data_dir = tmp_path_factory.mktemp("tfds")
+  TinyCaptions(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return str(data_dir)
 
 
 def _tfds_config(data_dir, **overrides):
-    cfg = config_lib.default_data_config()
-    cfg.source = "tfds"
-    cfg.tfds.update(dict(name="tiny_captions", data_dir=data_dir, image_key="image",
-                         text_key="captions", label_key="label"))
-    cfg.tfds.update(overrides)
-    return cfg
+  cfg = config_lib.default_data_config()
+  cfg.source = "tfds"
+  cfg.tfds.update(
+      dict(
+          name="tiny_captions",
+          data_dir=data_dir,
+          image_key="image",
+          text_key="captions",
+          label_key="label",
+      )
+  )
+  cfg.tfds.update(overrides)
+  return cfg
 
 
 def test_tfds_source_reads_without_tensorflow(tfds_dir):
-    import sys
+  import sys
 
-    source = sources.source_from_config(_tfds_config(tfds_dir))
-    assert len(source) == 12
-    record = source[0]
-    assert isinstance(record["image_bytes"], bytes)
-    i = int(record["captions"][0].split()[1])
-    assert record["captions"] == [f"thing {i}", f"item {i}"] and record["label"] == i % 4
-    assert "tensorflow" not in sys.modules
+  source = sources.source_from_config(_tfds_config(tfds_dir))
+  assert len(source) == 12
+  record = source[0]
+  assert isinstance(record["image_bytes"], bytes)
+  i = int(record["captions"][0].split()[1])
+  assert record["captions"] == [f"thing {i}", f"item {i}"] and record["label"] == i % 4
+  assert "tensorflow" not in sys.modules
 
 
 def test_tfds_errors_name_what_is_missing(tfds_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="not prepared.*tfds build tiny_captions"):
-        sources.source_from_config(_tfds_config(str(tmp_path)))
-    with pytest.raises(FileNotFoundError, match="mnist.*tfds build mnist"):
-        sources.source_from_config(_tfds_config(str(tmp_path), name="mnist"))
-    with pytest.raises(ValueError, match="text_key='caption'.*available"):
-        sources.source_from_config(_tfds_config(tfds_dir, text_key="caption"))
-    with pytest.raises(ValueError, match="split='validation'"):
-        sources.source_from_config(_tfds_config(tfds_dir, split="validation"))
+  with pytest.raises(FileNotFoundError, match="not prepared.*tfds build tiny_captions"):
+    sources.source_from_config(_tfds_config(str(tmp_path)))
+  with pytest.raises(FileNotFoundError, match="mnist.*tfds build mnist"):
+    sources.source_from_config(_tfds_config(str(tmp_path), name="mnist"))
+  with pytest.raises(ValueError, match="text_key='caption'.*available"):
+    sources.source_from_config(_tfds_config(tfds_dir, text_key="caption"))
+  with pytest.raises(ValueError, match="split='validation'"):
+    sources.source_from_config(_tfds_config(tfds_dir, split="validation"))
 
 
 def test_tfds_through_the_pipeline(tfds_dir):
-    cfg = _tfds_config(tfds_dir)
-    tokenizer = Tokenizer(context_length=8)
-    one = grain.sharding.ShardOptions(0, 1)
-    batch = next(pipeline.make_train_iterator(cfg, global_batch_size=4, image_size=16, seed=0,
-                                              tokenizer=tokenizer, shard_options=one))
-    assert batch["image"].shape == (4, 16, 16, 3) and batch["text"].shape == (4, 8)
-    assert set(batch["label"].tolist()) <= {0, 1, 2, 3}
-    eval_batches = list(pipeline.make_eval_batches(cfg, batch_size=4, image_size=16,
-                                                   tokenizer=tokenizer, split="test",
-                                                   shard_options=one))
-    assert len(eval_batches) == 2 and eval_batches[1]["mask"].tolist() == [True, False, False, False]
-    assert eval_batches[0]["text_mask"][:, :2].all() and not eval_batches[0]["text_mask"][:, 2:].any()
+  cfg = _tfds_config(tfds_dir)
+  tokenizer = Tokenizer(context_length=8)
+  one = grain.sharding.ShardOptions(0, 1)
+  batch = next(
+      pipeline.make_train_iterator(
+          cfg, global_batch_size=4, image_size=16, seed=0, tokenizer=tokenizer, shard_options=one
+      )
+  )
+  assert batch["image"].shape == (4, 16, 16, 3) and batch["text"].shape == (4, 8)
+  assert set(batch["label"].tolist()) <= {0, 1, 2, 3}
+  eval_batches = list(
+      pipeline.make_eval_batches(
+          cfg, batch_size=4, image_size=16, tokenizer=tokenizer, split="test", shard_options=one
+      )
+  )
+  assert len(eval_batches) == 2 and eval_batches[1]["mask"].tolist() == [True, False, False, False]
+  assert eval_batches[0]["text_mask"][:, :2].all() and not eval_batches[0]["text_mask"][:, 2:].any()
 
 
 def test_synthetic_source_from_config():
-    cfg = config_lib.default_data_config()
-    cfg.synthetic.update(dict(image_size=32, eval_size=10, label="colour"))
-    val = sources.source_from_config(cfg, "validation")
-    assert len(val) == 10 and val[0]["image"].shape == (32, 32, 3)
-    assert val[0]["label"] == val[0]["labels"]["colour"]
-    assert val[0]["key"] == "synthetic/validation/0"
+  cfg = config_lib.default_data_config()
+  cfg.synthetic.update(dict(image_size=32, eval_size=10, label="colour"))
+  val = sources.source_from_config(cfg, "validation")
+  assert len(val) == 10 and val[0]["image"].shape == (32, 32, 3)
+  assert val[0]["label"] == val[0]["labels"]["colour"]
+  assert val[0]["key"] == "synthetic/validation/0"

@@ -16,6 +16,7 @@ Example:
   python tools/make_arrayrecord.py --input_format=webdataset \
     --input='/data/cc3m/*.tar' --output_dir=/data/cc3m_ar --prefix=train --resize=256
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,256 +50,258 @@ Raw = tuple[str, bytes | None, list[str], int, dict[str, Any]]
 
 
 def _expand(inputs: list[str]) -> list[str]:
-    paths = sorted(p for pattern in inputs for p in glob.glob(os.path.expanduser(pattern)))
-    if not paths:
-        raise SystemExit(f"--input {inputs} matches no file")
-    return paths
+  paths = sorted(p for pattern in inputs for p in glob.glob(os.path.expanduser(pattern)))
+  if not paths:
+    raise SystemExit(f"--input {inputs} matches no file")
+  return paths
 
 
 def _scalar_metadata(meta: dict[str, Any]) -> dict[str, Any]:
-    """Keeps the msgpack-friendly scalar fields of img2dataset's json (url, width, ...)."""
-    return {
-        k: v
-        for k, v in meta.items()
-        if k != "caption" and isinstance(v, (str, int, float, bool)) and v is not None
-    }
+  """Keeps the msgpack-friendly scalar fields of img2dataset's json (url, width, ...)."""
+  return {
+      k: v
+      for k, v in meta.items()
+      if k != "caption" and isinstance(v, (str, int, float, bool)) and v is not None
+  }
 
 
 def read_webdataset(paths: list[str]) -> Iterator[Raw]:
-    """Groups tar members by key (file name up to the first dot) and yields examples in order."""
-    for path in paths:
-        with tarfile.open(path) as tar:
-            group: dict[str, bytes] = {}
-            key = None
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
-                member_key, _, ext = base.partition(".")
-                member_key = os.path.join(os.path.dirname(member.name), member_key)
-                if member_key != key and key is not None:
-                    yield _webdataset_example(path, key, group)
-                    group = {}
-                key = member_key
-                group[ext.lower()] = tar.extractfile(member).read()
-            if key is not None:
-                yield _webdataset_example(path, key, group)
+  """Groups tar members by key (file name up to the first dot) and yields examples in order."""
+  for path in paths:
+    with tarfile.open(path) as tar:
+      group: dict[str, bytes] = {}
+      key = None
+      for member in tar:
+        if not member.isfile():
+          continue
+        base = os.path.basename(member.name)
+        member_key, _, ext = base.partition(".")
+        member_key = os.path.join(os.path.dirname(member.name), member_key)
+        if member_key != key and key is not None:
+          yield _webdataset_example(path, key, group)
+          group = {}
+        key = member_key
+        group[ext.lower()] = tar.extractfile(member).read()
+      if key is not None:
+        yield _webdataset_example(path, key, group)
 
 
 def _webdataset_example(path: str, key: str, group: dict[str, bytes]) -> Raw:
-    image = next((group[e] for e in IMAGE_EXTENSIONS if e in group), None)
-    meta: dict[str, Any] = {}
-    if "json" in group:
-        try:
-            meta = json.loads(group["json"])
-        except ValueError:
-            meta = {}
-    if "txt" in group:
-        caption = group["txt"].decode("utf-8", errors="replace")
-    else:
-        caption = str(meta.get("caption") or "")
-    label = int(group["cls"].decode().strip()) if "cls" in group else -1
-    name = f"{os.path.splitext(os.path.basename(path))[0]}/{os.path.basename(key)}"
-    return name, image, [caption], label, _scalar_metadata(meta)
+  image = next((group[e] for e in IMAGE_EXTENSIONS if e in group), None)
+  meta: dict[str, Any] = {}
+  if "json" in group:
+    try:
+      meta = json.loads(group["json"])
+    except ValueError:
+      meta = {}
+  if "txt" in group:
+    caption = group["txt"].decode("utf-8", errors="replace")
+  else:
+    caption = str(meta.get("caption") or "")
+  label = int(group["cls"].decode().strip()) if "cls" in group else -1
+  name = f"{os.path.splitext(os.path.basename(path))[0]}/{os.path.basename(key)}"
+  return name, image, [caption], label, _scalar_metadata(meta)
 
 
 def read_parquet(paths: list[str], args: argparse.Namespace) -> Iterator[Raw]:
-    """Streams row groups so that large parquet files never load whole."""
-    import pyarrow.parquet as pq
+  """Streams row groups so that large parquet files never load whole."""
+  import pyarrow.parquet as pq
 
-    for path in paths:
-        file = pq.ParquetFile(path)
-        names = file.schema_arrow.names
-        for column in (args.image_column, args.caption_column):
-            if column not in names:
-                raise SystemExit(f"{path}: no column {column!r}; columns: {names}")
-        columns = [args.image_column, args.caption_column]
-        columns += [c for c in (args.key_column, args.label_column) if c and c in names]
-        stem = os.path.splitext(os.path.basename(path))[0]
-        row = 0
-        for batch in file.iter_batches(batch_size=256, columns=columns):
-            data = batch.to_pydict()
-            for i in range(batch.num_rows):
-                image = data[args.image_column][i]
-                if isinstance(image, dict):  # HF-style {'bytes': ..., 'path': ...} structs.
-                    image = image.get("bytes")
-                caption = data[args.caption_column][i]
-                captions = caption if isinstance(caption, list) else [caption or ""]
-                key = str(data[args.key_column][i]) if args.key_column in data else f"{stem}/{row}"
-                label = int(data[args.label_column][i]) if args.label_column in data else -1
-                row += 1
-                yield key, image, [str(c) for c in captions if c is not None], label, {}
+  for path in paths:
+    file = pq.ParquetFile(path)
+    names = file.schema_arrow.names
+    for column in (args.image_column, args.caption_column):
+      if column not in names:
+        raise SystemExit(f"{path}: no column {column!r}; columns: {names}")
+    columns = [args.image_column, args.caption_column]
+    columns += [c for c in (args.key_column, args.label_column) if c and c in names]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    row = 0
+    for batch in file.iter_batches(batch_size=256, columns=columns):
+      data = batch.to_pydict()
+      for i in range(batch.num_rows):
+        image = data[args.image_column][i]
+        if isinstance(image, dict):  # HF-style {'bytes': ..., 'path': ...} structs.
+          image = image.get("bytes")
+        caption = data[args.caption_column][i]
+        captions = caption if isinstance(caption, list) else [caption or ""]
+        key = str(data[args.key_column][i]) if args.key_column in data else f"{stem}/{row}"
+        label = int(data[args.label_column][i]) if args.label_column in data else -1
+        row += 1
+        yield key, image, [str(c) for c in captions if c is not None], label, {}
 
 
 def read_csv(paths: list[str], args: argparse.Namespace) -> Iterator[Raw]:
-    """Rows of (image path, caption); the delimiter follows the extension unless given."""
-    for path in paths:
-        delimiter = args.delimiter or ("\t" if path.endswith((".tsv", ".tab")) else ",")
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            for column in (args.image_column, args.caption_column):
-                if column not in (reader.fieldnames or []):
-                    raise SystemExit(f"{path}: no column {column!r}; columns: {reader.fieldnames}")
-            for row in reader:
-                rel = row[args.image_column]
-                try:
-                    with open(os.path.join(args.image_root, rel), "rb") as image_file:
-                        image = image_file.read()
-                except OSError:
-                    image = None
-                label = int(row[args.label_column]) if args.label_column in row else -1
-                yield rel, image, [row[args.caption_column] or ""], label, {}
+  """Rows of (image path, caption); the delimiter follows the extension unless given."""
+  for path in paths:
+    delimiter = args.delimiter or ("\t" if path.endswith((".tsv", ".tab")) else ",")
+    with open(path, newline="", encoding="utf-8") as f:
+      reader = csv.DictReader(f, delimiter=delimiter)
+      for column in (args.image_column, args.caption_column):
+        if column not in (reader.fieldnames or []):
+          raise SystemExit(f"{path}: no column {column!r}; columns: {reader.fieldnames}")
+      for row in reader:
+        rel = row[args.image_column]
+        try:
+          with open(os.path.join(args.image_root, rel), "rb") as image_file:
+            image = image_file.read()
+        except OSError:
+          image = None
+        label = int(row[args.label_column]) if args.label_column in row else -1
+        yield rel, image, [row[args.caption_column] or ""], label, {}
 
 
 def read_synthetic(args: argparse.Namespace) -> Iterator[Raw]:
-    config = synthetic.SceneConfig(
-        image_size=args.synthetic_image_size, center_bias=args.center_bias, seed=args.seed
-    )
-    source = synthetic.SyntheticScenes(config, split=args.split, size=args.num_examples)
-    for i in range(len(source)):
-        record = source[i]
-        buffer = io.BytesIO()
-        Image.fromarray(record["image"]).save(buffer, format="PNG")
-        yield record["key"], buffer.getvalue(), record["captions"], record["label"], record["labels"]
+  config = synthetic.SceneConfig(
+      image_size=args.synthetic_image_size, center_bias=args.center_bias, seed=args.seed
+  )
+  source = synthetic.SyntheticScenes(config, split=args.split, size=args.num_examples)
+  for i in range(len(source)):
+    record = source[i]
+    buffer = io.BytesIO()
+    Image.fromarray(record["image"]).save(buffer, format="PNG")
+    yield record["key"], buffer.getvalue(), record["captions"], record["label"], record["labels"]
 
 
 def process(raw: Raw, resize: int, quality: int) -> tuple[bytes | None, str]:
-    """Validates (and optionally shrinks) one example → (record bytes, '') or (None, skip reason)."""
-    key, image, captions, label, metadata = raw
-    captions = [c.strip() for c in captions if c and c.strip()]
-    if not captions:
-        return None, "empty_caption"
-    if image is None:
-        return None, "missing_image"
-    try:
-        pil = Image.open(io.BytesIO(image))
-        pil.load()  # Forces a full decode: truncated or corrupt files fail here, not in training.
-        if resize:
-            pil = transforms.resize_shorter_side(transforms.decode(pil), resize)
-            buffer = io.BytesIO()
-            pil.save(buffer, format="JPEG", quality=quality)
-            image = buffer.getvalue()
-    except Exception:  # PIL raises many types for bad data; all mean "undecodable".
-        return None, "undecodable_image"
-    return records.encode_record(image, captions, key, label, metadata), ""
+  """Validates (and optionally shrinks) one example → (record bytes, '') or (None, skip reason)."""
+  key, image, captions, label, metadata = raw
+  captions = [c.strip() for c in captions if c and c.strip()]
+  if not captions:
+    return None, "empty_caption"
+  if image is None:
+    return None, "missing_image"
+  try:
+    pil = Image.open(io.BytesIO(image))
+    pil.load()  # Forces a full decode: truncated or corrupt files fail here, not in training.
+    if resize:
+      pil = transforms.resize_shorter_side(transforms.decode(pil), resize)
+      buffer = io.BytesIO()
+      pil.save(buffer, format="JPEG", quality=quality)
+      image = buffer.getvalue()
+  except Exception:  # PIL raises many types for bad data; all mean "undecodable".
+    return None, "undecodable_image"
+  return records.encode_record(image, captions, key, label, metadata), ""
 
 
 def _process_star(job: tuple[Raw, int, int]) -> tuple[bytes | None, str]:
-    return process(*job)
+  return process(*job)
 
 
 class ShardWriter:
-    """Writes records into PREFIX-NNNNN.array_record files of at most `per_shard` records."""
+  """Writes records into PREFIX-NNNNN.array_record files of at most `per_shard` records."""
 
-    def __init__(self, output_dir: str, prefix: str, per_shard: int):
-        os.makedirs(output_dir, exist_ok=True)
-        self.output_dir, self.prefix, self.per_shard = output_dir, prefix, per_shard
-        self.paths: list[str] = []
-        self._writer = None
-        self._count = 0
+  def __init__(self, output_dir: str, prefix: str, per_shard: int):
+    os.makedirs(output_dir, exist_ok=True)
+    self.output_dir, self.prefix, self.per_shard = output_dir, prefix, per_shard
+    self.paths: list[str] = []
+    self._writer = None
+    self._count = 0
 
-    def write(self, record: bytes) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter
+  def write(self, record: bytes) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter
 
-        if self._writer is None or self._count == self.per_shard:
-            self.close()
-            path = os.path.join(self.output_dir, f"{self.prefix}-{len(self.paths):05d}.array_record")
-            # group_size:1 keeps every record individually seekable (random access for shuffling).
-            self._writer = ArrayRecordWriter(path, "group_size:1")
-            self.paths.append(path)
-            self._count = 0
-        self._writer.write(record)
-        self._count += 1
+    if self._writer is None or self._count == self.per_shard:
+      self.close()
+      path = os.path.join(self.output_dir, f"{self.prefix}-{len(self.paths):05d}.array_record")
+      # group_size:1 keeps every record individually seekable (random access for shuffling).
+      self._writer = ArrayRecordWriter(path, "group_size:1")
+      self.paths.append(path)
+      self._count = 0
+    self._writer.write(record)
+    self._count += 1
 
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
 
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs the conversion and returns the summary (also written as PREFIX-summary.json)."""
-    if args.input_format == "synthetic":
-        raws: Iterator[Raw] = read_synthetic(args)
-        total = args.num_examples
-    else:
-        paths = _expand(args.input)
-        readers = {"webdataset": lambda: read_webdataset(paths)}
-        readers["parquet"] = lambda: read_parquet(paths, args)
-        readers["csv"] = lambda: read_csv(paths, args)
-        raws, total = readers[args.input_format](), None
+  """Runs the conversion and returns the summary (also written as PREFIX-summary.json)."""
+  if args.input_format == "synthetic":
+    raws: Iterator[Raw] = read_synthetic(args)
+    total = args.num_examples
+  else:
+    paths = _expand(args.input)
+    readers = {"webdataset": lambda: read_webdataset(paths)}
+    readers["parquet"] = lambda: read_parquet(paths, args)
+    readers["csv"] = lambda: read_csv(paths, args)
+    raws, total = readers[args.input_format](), None
 
-    writer = ShardWriter(args.output_dir, args.prefix, args.records_per_shard)
-    skipped: collections.Counter[str] = collections.Counter()
-    written = 0
-    jobs = ((raw, args.resize, args.jpeg_quality) for raw in raws)
-    pool = multiprocessing.Pool(args.num_workers) if args.num_workers > 1 else None
-    results = pool.imap(_process_star, jobs, chunksize=16) if pool else map(_process_star, jobs)
-    try:
-        for record, reason in tqdm(results, total=total, desc="converting", unit="ex"):
-            if record is None:
-                skipped[reason] += 1
-            else:
-                writer.write(record)
-                written += 1
-    finally:
-        writer.close()
-        if pool:
-            pool.close()
-            pool.join()
-    summary = {
-        "written": written,
-        "skipped": dict(sorted(skipped.items())),
-        "shards": [os.path.basename(p) for p in writer.paths],
-        "pattern": os.path.join(args.output_dir, f"{args.prefix}-*.array_record"),
-    }
-    with open(os.path.join(args.output_dir, f"{args.prefix}-summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+  writer = ShardWriter(args.output_dir, args.prefix, args.records_per_shard)
+  skipped: collections.Counter[str] = collections.Counter()
+  written = 0
+  jobs = ((raw, args.resize, args.jpeg_quality) for raw in raws)
+  pool = multiprocessing.Pool(args.num_workers) if args.num_workers > 1 else None
+  results = pool.imap(_process_star, jobs, chunksize=16) if pool else map(_process_star, jobs)
+  try:
+    for record, reason in tqdm(results, total=total, desc="converting", unit="ex"):
+      if record is None:
+        skipped[reason] += 1
+      else:
+        writer.write(record)
+        written += 1
+  finally:
+    writer.close()
+    if pool:
+      pool.close()
+      pool.join()
+  summary = {
+      "written": written,
+      "skipped": dict(sorted(skipped.items())),
+      "shards": [os.path.basename(p) for p in writer.paths],
+      "pattern": os.path.join(args.output_dir, f"{args.prefix}-*.array_record"),
+  }
+  with open(os.path.join(args.output_dir, f"{args.prefix}-summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input_format", required=True, choices=FORMATS)
-    p.add_argument("--input", nargs="*", default=[], help="files or globs (tar / parquet / csv)")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--prefix", default="data", help="shard file name prefix, e.g. train")
-    p.add_argument("--records_per_shard", type=int, default=10_000)
-    p.add_argument("--resize", type=int, default=0, help="shorter side in px; 0 keeps the bytes")
-    p.add_argument("--jpeg_quality", type=int, default=90)
-    p.add_argument("--num_workers", type=int, default=1, help="processes validating/resizing")
-    p.add_argument("--image_column", default=None, help="parquet: 'jpg'; csv: 'filepath'")
-    p.add_argument("--caption_column", default=None, help="parquet/csv caption column: 'caption'")
-    p.add_argument("--key_column", default="key")
-    p.add_argument("--label_column", default="label")
-    p.add_argument("--image_root", default=".", help="csv: folder the image paths are relative to")
-    p.add_argument("--delimiter", default=None, help="csv: default ',' (tab for .tsv)")
-    p.add_argument("--num_examples", type=int, default=10_000, help="synthetic: examples to write")
-    p.add_argument("--split", default="train", choices=synthetic.SPLITS, help="synthetic split")
-    p.add_argument("--synthetic_image_size", type=int, default=256)
-    p.add_argument("--center_bias", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    defaults = {"parquet": ("jpg", "caption"), "csv": ("filepath", "caption")}
-    image_default, caption_default = defaults.get(args.input_format, (None, None))
-    args.image_column = args.image_column or image_default
-    args.caption_column = args.caption_column or caption_default
-    if args.input_format != "synthetic" and not args.input:
-        p.error(f"--input is required for --input_format={args.input_format}")
-    if args.records_per_shard < 1:
-        p.error("--records_per_shard must be >= 1")
-    return args
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--input_format", required=True, choices=FORMATS)
+  p.add_argument("--input", nargs="*", default=[], help="files or globs (tar / parquet / csv)")
+  p.add_argument("--output_dir", required=True)
+  p.add_argument("--prefix", default="data", help="shard file name prefix, e.g. train")
+  p.add_argument("--records_per_shard", type=int, default=10_000)
+  p.add_argument("--resize", type=int, default=0, help="shorter side in px; 0 keeps the bytes")
+  p.add_argument("--jpeg_quality", type=int, default=90)
+  p.add_argument("--num_workers", type=int, default=1, help="processes validating/resizing")
+  p.add_argument("--image_column", default=None, help="parquet: 'jpg'; csv: 'filepath'")
+  p.add_argument("--caption_column", default=None, help="parquet/csv caption column: 'caption'")
+  p.add_argument("--key_column", default="key")
+  p.add_argument("--label_column", default="label")
+  p.add_argument("--image_root", default=".", help="csv: folder the image paths are relative to")
+  p.add_argument("--delimiter", default=None, help="csv: default ',' (tab for .tsv)")
+  p.add_argument("--num_examples", type=int, default=10_000, help="synthetic: examples to write")
+  p.add_argument("--split", default="train", choices=synthetic.SPLITS, help="synthetic split")
+  p.add_argument("--synthetic_image_size", type=int, default=256)
+  p.add_argument("--center_bias", type=float, default=0.5)
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  defaults = {"parquet": ("jpg", "caption"), "csv": ("filepath", "caption")}
+  image_default, caption_default = defaults.get(args.input_format, (None, None))
+  args.image_column = args.image_column or image_default
+  args.caption_column = args.caption_column or caption_default
+  if args.input_format != "synthetic" and not args.input:
+    p.error(f"--input is required for --input_format={args.input_format}")
+  if args.records_per_shard < 1:
+    p.error("--records_per_shard must be >= 1")
+  return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    summary = convert(parse_args(argv))
-    skipped = ", ".join(f"{k}: {v}" for k, v in summary["skipped"].items()) or "none"
-    print(
-        f"wrote {summary['written']} records in {len(summary['shards'])} shards "
-        f"({summary['pattern']}); skipped {sum(summary['skipped'].values())} ({skipped})"
-    )
-    return summary
+  summary = convert(parse_args(argv))
+  skipped = ", ".join(f"{k}: {v}" for k, v in summary["skipped"].items()) or "none"
+  print(
+      f"wrote {summary['written']} records in {len(summary['shards'])} shards "
+      f"({summary['pattern']}); skipped {sum(summary['skipped'].values())} ({skipped})"
+  )
+  return summary
 
 
 if __name__ == "__main__":
-    main()
+  main()

@@ -11,6 +11,7 @@ Train batch: {'image': uint8 [b,H,W,3], 'text': int32 [b,L], 'label': int32 [b] 
 Eval batch adds 'texts' int32 [b,C,L], 'text_mask' bool [b,C], 'mask' bool [b] and, for the
 synthetic source, 'label_shape' / 'label_colour' / 'label_size' int32 [b].
 """
+
 from __future__ import annotations
 
 import math
@@ -31,139 +32,139 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def _image_of(record: dict[str, Any]) -> Any:
-    return record["image_bytes"] if "image_bytes" in record else record["image"]
+  return record["image_bytes"] if "image_bytes" in record else record["image"]
 
 
 class TrainPreprocess(grain.transforms.RandomMap):
-    """Record → {'image', 'text', 'label'} with a random crop/flip and a random caption."""
+  """Record → {'image', 'text', 'label'} with a random crop/flip and a random caption."""
 
-    def __init__(
-        self,
-        image_size: int,
-        tokenizer: Tokenizer,
-        scale: Sequence[float] = transforms.DEFAULT_SCALE,
-        ratio: Sequence[float] = transforms.DEFAULT_RATIO,
-        flip: bool = True,
-    ):
-        self.image_size = image_size
-        self.tokenizer = tokenizer
-        self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), flip
+  def __init__(
+      self,
+      image_size: int,
+      tokenizer: Tokenizer,
+      scale: Sequence[float] = transforms.DEFAULT_SCALE,
+      ratio: Sequence[float] = transforms.DEFAULT_RATIO,
+      flip: bool = True,
+  ):
+    self.image_size = image_size
+    self.tokenizer = tokenizer
+    self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), flip
 
-    def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        image, _ = transforms.random_resized_crop(
-            _image_of(record), rng, self.image_size, self.scale, self.ratio, self.flip
-        )
-        captions = record["captions"]
-        if not captions:
-            raise ValueError(f"record {record['key']!r} has no caption; training needs text")
-        caption = captions[int(rng.integers(len(captions)))]
-        return {
-            "image": image,
-            "text": self.tokenizer([caption])[0],
-            "label": np.int32(record["label"]),
-        }
+  def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    image, _ = transforms.random_resized_crop(
+        _image_of(record), rng, self.image_size, self.scale, self.ratio, self.flip
+    )
+    captions = record["captions"]
+    if not captions:
+      raise ValueError(f"record {record['key']!r} has no caption; training needs text")
+    caption = captions[int(rng.integers(len(captions)))]
+    return {
+        "image": image,
+        "text": self.tokenizer([caption])[0],
+        "label": np.int32(record["label"]),
+    }
 
 
 _PAD = {"pad": True}
 
 
 class EvalPreprocess(grain.transforms.Map):
-    """Record (or padding) → centre crop, first caption, all captions (padded) and the valid mask."""
+  """Record (or padding) → centre crop, first caption, all captions (padded) and the valid mask."""
 
-    def __init__(
-        self,
-        image_size: int,
-        tokenizer: Tokenizer,
-        max_captions: int,
-        label_names: Sequence[str] = (),
-    ):
-        self.image_size = image_size
-        self.tokenizer = tokenizer
-        self.max_captions = max_captions
-        self.label_names = tuple(label_names)
+  def __init__(
+      self,
+      image_size: int,
+      tokenizer: Tokenizer,
+      max_captions: int,
+      label_names: Sequence[str] = (),
+  ):
+    self.image_size = image_size
+    self.tokenizer = tokenizer
+    self.max_captions = max_captions
+    self.label_names = tuple(label_names)
 
-    def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        size, length, c = self.image_size, self.tokenizer.context_length, self.max_captions
-        if record is _PAD or record.get("pad"):
-            out = {
-                "image": np.zeros((size, size, 3), np.uint8),
-                "text": np.zeros((length,), np.int32),
-                "texts": np.zeros((c, length), np.int32),
-                "text_mask": np.zeros((c,), bool),
-                "label": np.int32(-1),
-                "mask": np.bool_(False),
-            }
-            out.update({f"label_{n}": np.int32(-1) for n in self.label_names})
-            return out
-        captions = record["captions"][:c]
-        texts = np.zeros((c, length), np.int32)
-        if captions:
-            texts[: len(captions)] = self.tokenizer(captions)
-        out = {
-            "image": transforms.center_crop(_image_of(record), size),
-            "text": texts[0],
-            "texts": texts,
-            "text_mask": np.arange(c) < len(captions),
-            "label": np.int32(record["label"]),
-            "mask": np.bool_(True),
-        }
-        out.update({f"label_{n}": np.int32(record["labels"][n]) for n in self.label_names})
-        return out
+  def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    size, length, c = self.image_size, self.tokenizer.context_length, self.max_captions
+    if record is _PAD or record.get("pad"):
+      out = {
+          "image": np.zeros((size, size, 3), np.uint8),
+          "text": np.zeros((length,), np.int32),
+          "texts": np.zeros((c, length), np.int32),
+          "text_mask": np.zeros((c,), bool),
+          "label": np.int32(-1),
+          "mask": np.bool_(False),
+      }
+      out.update({f"label_{n}": np.int32(-1) for n in self.label_names})
+      return out
+    captions = record["captions"][:c]
+    texts = np.zeros((c, length), np.int32)
+    if captions:
+      texts[: len(captions)] = self.tokenizer(captions)
+    out = {
+        "image": transforms.center_crop(_image_of(record), size),
+        "text": texts[0],
+        "texts": texts,
+        "text_mask": np.arange(c) < len(captions),
+        "label": np.int32(record["label"]),
+        "mask": np.bool_(True),
+    }
+    out.update({f"label_{n}": np.int32(record["labels"][n]) for n in self.label_names})
+    return out
 
 
 class _PaddedShard:
-    """This process' strided share of a source, padded with _PAD records to `length`."""
+  """This process' strided share of a source, padded with _PAD records to `length`."""
 
-    def __init__(self, source: Any, shard_index: int, shard_count: int, length: int):
-        self._source = source
-        self._indices = range(shard_index, len(source), shard_count)
-        self._length = length
+  def __init__(self, source: Any, shard_index: int, shard_count: int, length: int):
+    self._source = source
+    self._indices = range(shard_index, len(source), shard_count)
+    self._length = length
 
-    def __len__(self) -> int:
-        return self._length
+  def __len__(self) -> int:
+    return self._length
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self._source[self._indices[index]] if index < len(self._indices) else _PAD
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._source[self._indices[index]] if index < len(self._indices) else _PAD
 
 
 def default_shard_options() -> grain.sharding.ShardOptions:
-    """One shard per JAX process (equal sizes, so every process runs the same number of steps)."""
-    return grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  """One shard per JAX process (equal sizes, so every process runs the same number of steps)."""
+  return grain.sharding.ShardByJaxProcess(drop_remainder=True)
 
 
 def _local_batch_size(global_batch_size: int, shard_count: int) -> int:
-    if global_batch_size <= 0 or global_batch_size % shard_count:
-        raise ValueError(
-            f"global batch size {global_batch_size} must be a positive multiple of the "
-            f"process count {shard_count}"
-        )
-    return global_batch_size // shard_count
+  if global_batch_size <= 0 or global_batch_size % shard_count:
+    raise ValueError(
+        f"global batch size {global_batch_size} must be a positive multiple of the "
+        f"process count {shard_count}"
+    )
+  return global_batch_size // shard_count
 
 
 def _seed(*parts: int) -> int:
-    """A well-mixed 32-bit seed from several integers (seed, shard, component, purpose)."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+  """A well-mixed 32-bit seed from several integers (seed, shard, component, purpose)."""
+  return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
 _PARALLELISM_FIELDS = ("read_threads", "prefetch_batches", "worker_count", "worker_buffer_size")
 
 
 def _finish(ds: grain.MapDataset, knobs: Any) -> grain.IterDataset:
-    """Threads for decode/augment, then optional worker processes; `knobs` maps the fields above."""
-    it = ds.to_iter_dataset(
-        grain.ReadOptions(
-            num_threads=int(knobs["read_threads"]),
-            prefetch_buffer_size=int(knobs["prefetch_batches"]),
+  """Threads for decode/augment, then optional worker processes; `knobs` maps the fields above."""
+  it = ds.to_iter_dataset(
+      grain.ReadOptions(
+          num_threads=int(knobs["read_threads"]),
+          prefetch_buffer_size=int(knobs["prefetch_batches"]),
+      )
+  )
+  if knobs["worker_count"] > 0:
+    it = it.mp_prefetch(
+        grain.MultiprocessingOptions(
+            num_workers=int(knobs["worker_count"]),
+            per_worker_buffer_size=int(knobs["worker_buffer_size"]),
         )
     )
-    if knobs["worker_count"] > 0:
-        it = it.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=int(knobs["worker_count"]),
-                per_worker_buffer_size=int(knobs["worker_buffer_size"]),
-            )
-        )
-    return it
+  return it
 
 
 def make_train_dataset(
@@ -176,35 +177,35 @@ def make_train_dataset(
     shard_options: grain.sharding.ShardOptions | None = None,
     preprocess: grain.transforms.RandomMap | None = None,
 ) -> grain.IterDataset:
-    """The infinite training IterDataset of local batches for this process.
+  """The infinite training IterDataset of local batches for this process.
 
-    `preprocess` replaces the default TrainPreprocess (e.g. A-CLIP's multi-view crops,
-    glip_jax/data/views.py); sharding, shuffling, mixing and batching stay the same.
-    """
-    config_lib.validate_data_config(data_cfg)
-    shard_options = shard_options or default_shard_options()
-    local_batch = _local_batch_size(global_batch_size, shard_options.shard_count)
-    base_seed = seed if data_cfg.shuffle_seed < 0 else int(data_cfg.shuffle_seed)
-    if preprocess is None:
-        preprocess = TrainPreprocess(
-            image_size, tokenizer, data_cfg.crop_scale, data_cfg.crop_ratio, bool(data_cfg.flip)
-        )
-    parts, weights = [], []
-    for i, (source_cfg, weight) in enumerate(config_lib.mixture_components(data_cfg)):
-        ds = grain.MapDataset.source(sources.source_from_config(source_cfg))
-        ds = ds.shuffle(seed=_seed(base_seed, i, 0)).repeat()
-        ds = ds.random_map(preprocess, seed=_seed(base_seed, i, 1))
-        parts.append(ds)
-        weights.append(weight)
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-    # The global sequence (shuffle, augmentation seeds, mixing) is the same for every process
-    # count; global batch k is local chunks k·P … k·P+P−1, and process p takes chunk k·P+p, i.e.
-    # rows [p·b, (p+1)·b) of each global batch — exactly the rows its devices hold. So a job's
-    # batches, masks and losses do not depend on how many processes it runs on. MapDataset is
-    # lazy: a process decodes only its own rows.
-    ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds[shard_options.shard_index :: shard_options.shard_count]
-    return _finish(ds, data_cfg)
+  `preprocess` replaces the default TrainPreprocess (e.g. A-CLIP's multi-view crops,
+  glip_jax/data/views.py); sharding, shuffling, mixing and batching stay the same.
+  """
+  config_lib.validate_data_config(data_cfg)
+  shard_options = shard_options or default_shard_options()
+  local_batch = _local_batch_size(global_batch_size, shard_options.shard_count)
+  base_seed = seed if data_cfg.shuffle_seed < 0 else int(data_cfg.shuffle_seed)
+  if preprocess is None:
+    preprocess = TrainPreprocess(
+        image_size, tokenizer, data_cfg.crop_scale, data_cfg.crop_ratio, bool(data_cfg.flip)
+    )
+  parts, weights = [], []
+  for i, (source_cfg, weight) in enumerate(config_lib.mixture_components(data_cfg)):
+    ds = grain.MapDataset.source(sources.source_from_config(source_cfg))
+    ds = ds.shuffle(seed=_seed(base_seed, i, 0)).repeat()
+    ds = ds.random_map(preprocess, seed=_seed(base_seed, i, 1))
+    parts.append(ds)
+    weights.append(weight)
+  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+  # The global sequence (shuffle, augmentation seeds, mixing) is the same for every process
+  # count; global batch k is local chunks k·P … k·P+P−1, and process p takes chunk k·P+p, i.e.
+  # rows [p·b, (p+1)·b) of each global batch — exactly the rows its devices hold. So a job's
+  # batches, masks and losses do not depend on how many processes it runs on. MapDataset is
+  # lazy: a process decodes only its own rows.
+  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds[shard_options.shard_index :: shard_options.shard_count]
+  return _finish(ds, data_cfg)
 
 
 def make_train_iterator(
@@ -217,18 +218,18 @@ def make_train_iterator(
     shard_options: grain.sharding.ShardOptions | None = None,
     preprocess: grain.transforms.RandomMap | None = None,
 ) -> grain.DatasetIterator:
-    """Checkpointable iterator over this process' local training batches (see module docstring)."""
-    return iter(
-        make_train_dataset(
-            data_cfg,
-            global_batch_size=global_batch_size,
-            image_size=image_size,
-            seed=seed,
-            tokenizer=tokenizer,
-            shard_options=shard_options,
-            preprocess=preprocess,
-        )
-    )
+  """Checkpointable iterator over this process' local training batches (see module docstring)."""
+  return iter(
+      make_train_dataset(
+          data_cfg,
+          global_batch_size=global_batch_size,
+          image_size=image_size,
+          seed=seed,
+          tokenizer=tokenizer,
+          shard_options=shard_options,
+          preprocess=preprocess,
+      )
+  )
 
 
 def make_eval_batches(
@@ -240,41 +241,39 @@ def make_eval_batches(
     split: str | None = None,
     shard_options: grain.sharding.ShardOptions | None = None,
 ) -> grain.IterDataset:
-    """Re-iterable evaluation batches for this process; `batch_size` is global over processes.
+  """Re-iterable evaluation batches for this process; `batch_size` is global over processes.
 
-    No shuffle, no dropped examples: each process gets a strided share of the source, padded with
-    invalid examples ('mask' False) so that every process runs the same number of batches.
-    """
-    # An eval dataset config needs only the source fields; the pipeline knobs fall back to defaults.
-    defaults = config_lib.default_data_config()
-    knobs = {f: dataset_cfg.get(f, defaults[f]) for f in _PARALLELISM_FIELDS + ("max_captions",)}
-    config_lib.validate_source_config(dataset_cfg)
-    shard_options = shard_options or grain.sharding.ShardByJaxProcess()
-    local_batch = _local_batch_size(batch_size, shard_options.shard_count)
-    source = sources.source_from_config(dataset_cfg, split)
-    per_process = math.ceil(len(source) / shard_options.shard_count)
-    length = math.ceil(per_process / local_batch) * local_batch
-    padded = _PaddedShard(source, shard_options.shard_index, shard_options.shard_count, length)
-    preprocess = EvalPreprocess(
-        image_size, tokenizer, int(knobs["max_captions"]), getattr(source, "label_names", ())
-    )
-    ds = grain.MapDataset.source(padded).map(preprocess).batch(local_batch)
-    return _finish(ds, knobs)
+  No shuffle, no dropped examples: each process gets a strided share of the source, padded with
+  invalid examples ('mask' False) so that every process runs the same number of batches.
+  """
+  # An eval dataset config needs only the source fields; the pipeline knobs fall back to defaults.
+  defaults = config_lib.default_data_config()
+  knobs = {f: dataset_cfg.get(f, defaults[f]) for f in _PARALLELISM_FIELDS + ("max_captions",)}
+  config_lib.validate_source_config(dataset_cfg)
+  shard_options = shard_options or grain.sharding.ShardByJaxProcess()
+  local_batch = _local_batch_size(batch_size, shard_options.shard_count)
+  source = sources.source_from_config(dataset_cfg, split)
+  per_process = math.ceil(len(source) / shard_options.shard_count)
+  length = math.ceil(per_process / local_batch) * local_batch
+  padded = _PaddedShard(source, shard_options.shard_index, shard_options.shard_count, length)
+  preprocess = EvalPreprocess(
+      image_size, tokenizer, int(knobs["max_captions"]), getattr(source, "label_names", ())
+  )
+  ds = grain.MapDataset.source(padded).map(preprocess).batch(local_batch)
+  return _finish(ds, knobs)
 
 
 def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
-    """Leading (batch) dimension split over the mesh's batch axes, the rest replicated."""
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    return NamedSharding(mesh, PartitionSpec(axes or None))
+  """Leading (batch) dimension split over the mesh's batch axes, the rest replicated."""
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  return NamedSharding(mesh, PartitionSpec(axes or None))
 
 
 def make_global_batch(
-    local_batch: dict[str, np.ndarray],
-    mesh: Mesh,
-    batch_axes: Sequence[str] = BATCH_AXES,
+    local_batch: dict[str, np.ndarray], mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES
 ) -> dict[str, jax.Array]:
-    """Assembles each process' local numpy batch into global jax.Arrays sharded over batch_axes."""
-    sharding = batch_sharding(mesh, batch_axes)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
-    )
+  """Assembles each process' local numpy batch into global jax.Arrays sharded over batch_axes."""
+  sharding = batch_sharding(mesh, batch_axes)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )

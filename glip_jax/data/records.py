@@ -10,6 +10,7 @@ Record fields (msgpack map with string keys):
 Files are written with `ArrayRecordWriter(path, "group_size:1")` so every record is individually
 addressable (random access is what lets Grain shuffle globally).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,24 +27,24 @@ def encode_record(
     label: int = -1,
     metadata: dict[str, Any] | None = None,
 ) -> bytes:
-    """Serialises one example to msgpack bytes."""
-    if not captions:
-        raise ValueError(f"record {key!r} has no captions")
-    record: dict[str, Any] = {"v": FORMAT_VERSION, "image": bytes(image), "captions": list(captions)}
-    record["key"] = key
-    record["label"] = int(label)
-    if metadata:
-        record["metadata"] = metadata
-    return msgpack.packb(record, use_bin_type=True)
+  """Serialises one example to msgpack bytes."""
+  if not captions:
+    raise ValueError(f"record {key!r} has no captions")
+  record: dict[str, Any] = {"v": FORMAT_VERSION, "image": bytes(image), "captions": list(captions)}
+  record["key"] = key
+  record["label"] = int(label)
+  if metadata:
+    record["metadata"] = metadata
+  return msgpack.packb(record, use_bin_type=True)
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
-    """Parses msgpack bytes into the common record dict (image stays encoded as 'image_bytes')."""
-    record = msgpack.unpackb(data, raw=False)
-    return {
-        "image_bytes": record["image"],
-        "captions": list(record["captions"]),
-        "label": int(record.get("label", -1)),
-        "key": record["key"],
-        "metadata": record.get("metadata", {}),
-    }
+  """Parses msgpack bytes into the common record dict (image stays encoded as 'image_bytes')."""
+  record = msgpack.unpackb(data, raw=False)
+  return {
+      "image_bytes": record["image"],
+      "captions": list(record["captions"]),
+      "label": int(record.get("label", -1)),
+      "key": record["key"],
+      "metadata": record.get("metadata", {}),
+  }

@@ -11,6 +11,7 @@ Common record (what every source's `__getitem__` returns):
 Sources are plain picklable objects with `__len__`/`__getitem__`, so Grain can hand them to worker
 processes and index them in any order.
 """
+
 from __future__ import annotations
 
 import glob
@@ -28,233 +29,233 @@ Record = dict[str, Any]
 
 
 def expand_paths(paths: str | Sequence[str]) -> list[str]:
-    """Expands a glob, a comma-separated string or a list of paths/globs into sorted shard paths."""
-    patterns = paths.split(",") if isinstance(paths, str) else list(paths)
-    patterns = [p.strip() for p in patterns if p and p.strip()]
-    if not patterns:
-        raise ValueError("data.paths is empty: give ArrayRecord shard paths or a glob")
-    shards: list[str] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not matches:
-            raise FileNotFoundError(
-                f"data.paths entry {pattern!r} matches no file; create shards with "
-                "tools/make_arrayrecord.py (see docs/data.md)"
-            )
-        shards.extend(matches)
-    return shards
+  """Expands a glob, a comma-separated string or a list of paths/globs into sorted shard paths."""
+  patterns = paths.split(",") if isinstance(paths, str) else list(paths)
+  patterns = [p.strip() for p in patterns if p and p.strip()]
+  if not patterns:
+    raise ValueError("data.paths is empty: give ArrayRecord shard paths or a glob")
+  shards: list[str] = []
+  for pattern in patterns:
+    matches = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not matches:
+      raise FileNotFoundError(
+          f"data.paths entry {pattern!r} matches no file; create shards with "
+          "tools/make_arrayrecord.py (see docs/data.md)"
+      )
+    shards.extend(matches)
+  return shards
 
 
 class ArrayRecordSource:
-    """ArrayRecord shards of msgpack records (see glip_jax/data/records.py)."""
+  """ArrayRecord shards of msgpack records (see glip_jax/data/records.py)."""
 
-    def __init__(self, paths: str | Sequence[str]):
-        import grain  # Deferred: importing grain is only needed when this source is used.
+  def __init__(self, paths: str | Sequence[str]):
+    import grain  # Deferred: importing grain is only needed when this source is used.
 
-        self.paths = expand_paths(paths)
-        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    self.paths = expand_paths(paths)
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
 
-    def __len__(self) -> int:
-        return len(self._source)
+  def __len__(self) -> int:
+    return len(self._source)
 
-    def __getitem__(self, index: int) -> Record:
-        return records.decode_record(self._source[index])
+  def __getitem__(self, index: int) -> Record:
+    return records.decode_record(self._source[index])
 
-    def __repr__(self) -> str:
-        return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} records)"
+  def __repr__(self) -> str:
+    return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} records)"
 
 
 def _get_path(tree: Any, path: str) -> Any:
-    """Looks up a '/'-separated feature path ('captions/text') in a nested dict."""
-    for part in path.split("/"):
-        tree = tree[part]
-    return tree
+  """Looks up a '/'-separated feature path ('captions/text') in a nested dict."""
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
 
 
 def _has_path(features: Any, path: str) -> bool:
-    try:
-        _get_path(features, path)
-    except (KeyError, TypeError):
-        return False
-    return True
+  try:
+    _get_path(features, path)
+  except (KeyError, TypeError):
+    return False
+  return True
 
 
 def _nested(path: str, value: Any) -> dict[str, Any]:
-    """{'a/b': v} → {'a': {'b': v}}, the shape TFDS expects for decoders of nested features."""
-    *parents, leaf = path.split("/")
-    tree: dict[str, Any] = {leaf: value}
-    for part in reversed(parents):
-        tree = {part: tree}
-    return tree
+  """{'a/b': v} → {'a': {'b': v}}, the shape TFDS expects for decoders of nested features."""
+  *parents, leaf = path.split("/")
+  tree: dict[str, Any] = {leaf: value}
+  for part in reversed(parents):
+    tree = {part: tree}
+  return tree
 
 
 def _as_text_list(value: Any) -> list[str]:
-    """TFDS text features come as bytes, str or an array/list of them."""
-    if isinstance(value, (bytes, str)):
-        value = [value]
-    texts = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(value).ravel()]
-    return [t for t in texts if t.strip()]
+  """TFDS text features come as bytes, str or an array/list of them."""
+  if isinstance(value, (bytes, str)):
+    value = [value]
+  texts = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(value).ravel()]
+  return [t for t in texts if t.strip()]
 
 
 def _prepare_hint(name: str) -> str:
-    return (
-        f"prepare it on a machine with network access with `tfds build {name} "
-        "--file_format=array_record --data_dir=DIR` and copy DIR here, then set data.tfds.data_dir "
-        "(glip_jax never downloads data; see docs/data.md)"
-    )
+  return (
+      f"prepare it on a machine with network access with `tfds build {name} "
+      "--file_format=array_record --data_dir=DIR` and copy DIR here, then set data.tfds.data_dir "
+      "(glip_jax never downloads data; see docs/data.md)"
+  )
 
 
 class TfdsSource:
-    """A TFDS dataset prepared in array_record format, read without TensorFlow."""
+  """A TFDS dataset prepared in array_record format, read without TensorFlow."""
 
-    def __init__(
-        self,
-        name: str,
-        split: str,
-        data_dir: str | None,
-        image_key: str = "image",
-        text_key: str = "",
-        label_key: str = "",
-    ):
-        import tensorflow_datasets as tfds
+  def __init__(
+      self,
+      name: str,
+      split: str,
+      data_dir: str | None,
+      image_key: str = "image",
+      text_key: str = "",
+      label_key: str = "",
+  ):
+    import tensorflow_datasets as tfds
 
-        self.name, self.split = name, split
-        self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
-        data_dir = os.path.expanduser(data_dir) if data_dir else None
-        try:
-            self._source = tfds.data_source(
-                name,
-                split=split,
-                data_dir=data_dir,
-                download=False,
-                # Keep images encoded: decoding happens in our transforms, with our crop.
-                decoders=_nested(image_key, tfds.decode.SkipDecoding()),
-            )
-        except ValueError as e:
-            if "split" in str(e).lower():
-                raise ValueError(f"data.tfds.split={split!r} for {name!r}: {e}") from None
-            raise FileNotFoundError(
-                f"TFDS dataset {name!r} cannot be read from data_dir={data_dir!r} ({e}); "
-                + _prepare_hint(name)
-            ) from None
-        except Exception as e:  # DatasetNotFoundError, AssertionError, missing files …
-            raise FileNotFoundError(
-                f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r} "
-                f"({type(e).__name__}); " + _prepare_hint(name)
-            ) from None
-        features = self._source.dataset_info.features
-        for field, key in (("image_key", image_key), ("text_key", text_key), ("label_key", label_key)):
-            if key and not _has_path(features, key):
-                raise ValueError(
-                    f"data.tfds.{field}={key!r} is not a feature of {name!r}; "
-                    f"available: {sorted(features.keys())}"
-                )
+    self.name, self.split = name, split
+    self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
+    data_dir = os.path.expanduser(data_dir) if data_dir else None
+    try:
+      self._source = tfds.data_source(
+          name,
+          split=split,
+          data_dir=data_dir,
+          download=False,
+          # Keep images encoded: decoding happens in our transforms, with our crop.
+          decoders=_nested(image_key, tfds.decode.SkipDecoding()),
+      )
+    except ValueError as e:
+      if "split" in str(e).lower():
+        raise ValueError(f"data.tfds.split={split!r} for {name!r}: {e}") from None
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} cannot be read from data_dir={data_dir!r} ({e}); "
+          + _prepare_hint(name)
+      ) from None
+    except Exception as e:  # DatasetNotFoundError, AssertionError, missing files …
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r} "
+          f"({type(e).__name__}); " + _prepare_hint(name)
+      ) from None
+    features = self._source.dataset_info.features
+    for field, key in (("image_key", image_key), ("text_key", text_key), ("label_key", label_key)):
+      if key and not _has_path(features, key):
+        raise ValueError(
+            f"data.tfds.{field}={key!r} is not a feature of {name!r}; "
+            f"available: {sorted(features.keys())}"
+        )
 
-    def __len__(self) -> int:
-        return len(self._source)
+  def __len__(self) -> int:
+    return len(self._source)
 
-    def __getitem__(self, index: int) -> Record:
-        example = self._source[index]
-        return {
-            "image_bytes": _get_path(example, self.image_key),
-            "captions": _as_text_list(_get_path(example, self.text_key)) if self.text_key else [],
-            "label": int(_get_path(example, self.label_key)) if self.label_key else -1,
-            "key": f"{self.name}/{self.split}/{index}",
-        }
+  def __getitem__(self, index: int) -> Record:
+    example = self._source[index]
+    return {
+        "image_bytes": _get_path(example, self.image_key),
+        "captions": _as_text_list(_get_path(example, self.text_key)) if self.text_key else [],
+        "label": int(_get_path(example, self.label_key)) if self.label_key else -1,
+        "key": f"{self.name}/{self.split}/{index}",
+    }
 
-    def __repr__(self) -> str:
-        return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} records)"
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} records)"
 
 
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 
 
 class KarpathySource:
-    """One split of a Karpathy-split caption file (dataset_coco.json, dataset_flickr30k.json).
+  """One split of a Karpathy-split caption file (dataset_coco.json, dataset_flickr30k.json).
 
-    The JSON is {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}, ...]}, ...]};
-    image i of the split is read from `image_dir/filepath/filename` (COCO keeps `filepath`, e.g.
-    val2014; Flickr30k has none). Captions are the `raw` sentences, in file order.
-    """
+  The JSON is {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}, ...]}, ...]};
+  image i of the split is read from `image_dir/filepath/filename` (COCO keeps `filepath`, e.g.
+  val2014; Flickr30k has none). Captions are the `raw` sentences, in file order.
+  """
 
-    def __init__(self, json_path: str, image_dir: str, split: str = "test"):
-        if split not in KARPATHY_SPLITS:
-            raise ValueError(f"karpathy split={split!r}; allowed: {KARPATHY_SPLITS}")
-        self.json_path = os.path.expanduser(json_path)
-        self.image_dir = os.path.expanduser(image_dir)
-        self.split = split
-        if not os.path.isfile(self.json_path):
-            raise FileNotFoundError(
-                f"data.karpathy.json_path={json_path!r} does not exist; get dataset_coco.json / "
-                "dataset_flickr30k.json from Karpathy's caption_datasets.zip "
-                "(see docs/evaluation.md)"
-            )
-        with open(self.json_path, encoding="utf-8") as f:
-            images = json.load(f)["images"]
-        # Only paths and captions are kept: a plain list pickles cheaply to Grain workers.
-        self._items = [
-            (
-                os.path.join(self.image_dir, image.get("filepath", ""), image["filename"]),
-                [s["raw"] for s in image.get("sentences", [])],
-            )
-            for image in images
-            if image.get("split") == split
-        ]
-        if not self._items:
-            raise ValueError(f"{json_path!r} has no images in split {split!r}")
-        # Fail here, not in a reader thread, when image_dir points at the wrong folder.
-        if not os.path.isfile(self._items[0][0]):
-            raise FileNotFoundError(
-                f"data.karpathy.image_dir={image_dir!r}: {self._items[0][0]!r} does not exist"
-            )
+  def __init__(self, json_path: str, image_dir: str, split: str = "test"):
+    if split not in KARPATHY_SPLITS:
+      raise ValueError(f"karpathy split={split!r}; allowed: {KARPATHY_SPLITS}")
+    self.json_path = os.path.expanduser(json_path)
+    self.image_dir = os.path.expanduser(image_dir)
+    self.split = split
+    if not os.path.isfile(self.json_path):
+      raise FileNotFoundError(
+          f"data.karpathy.json_path={json_path!r} does not exist; get dataset_coco.json / "
+          "dataset_flickr30k.json from Karpathy's caption_datasets.zip "
+          "(see docs/evaluation.md)"
+      )
+    with open(self.json_path, encoding="utf-8") as f:
+      images = json.load(f)["images"]
+    # Only paths and captions are kept: a plain list pickles cheaply to Grain workers.
+    self._items = [
+        (
+            os.path.join(self.image_dir, image.get("filepath", ""), image["filename"]),
+            [s["raw"] for s in image.get("sentences", [])],
+        )
+        for image in images
+        if image.get("split") == split
+    ]
+    if not self._items:
+      raise ValueError(f"{json_path!r} has no images in split {split!r}")
+    # Fail here, not in a reader thread, when image_dir points at the wrong folder.
+    if not os.path.isfile(self._items[0][0]):
+      raise FileNotFoundError(
+          f"data.karpathy.image_dir={image_dir!r}: {self._items[0][0]!r} does not exist"
+      )
 
-    def __len__(self) -> int:
-        return len(self._items)
+  def __len__(self) -> int:
+    return len(self._items)
 
-    def __getitem__(self, index: int) -> Record:
-        path, captions = self._items[index]
-        with open(path, "rb") as f:
-            image_bytes = f.read()
-        return {
-            "image_bytes": image_bytes,
-            "captions": list(captions),
-            "label": -1,
-            "key": os.path.relpath(path, self.image_dir),
-        }
+  def __getitem__(self, index: int) -> Record:
+    path, captions = self._items[index]
+    with open(path, "rb") as f:
+      image_bytes = f.read()
+    return {
+        "image_bytes": image_bytes,
+        "captions": list(captions),
+        "label": -1,
+        "key": os.path.relpath(path, self.image_dir),
+    }
 
-    def __repr__(self) -> str:
-        return f"KarpathySource({self.json_path!r}, split={self.split!r}, {len(self)} images)"
+  def __repr__(self) -> str:
+    return f"KarpathySource({self.json_path!r}, split={self.split!r}, {len(self)} images)"
 
 
 def scene_config(cfg: Any) -> synthetic.SceneConfig:
-    """SceneConfig from the `synthetic` part of a source config."""
-    return synthetic.SceneConfig(
-        image_size=int(cfg.image_size),
-        center_bias=float(cfg.center_bias),
-        max_distractors=int(cfg.max_distractors),
-        num_captions=int(cfg.num_captions),
-        seed=int(cfg.seed),
-    )
+  """SceneConfig from the `synthetic` part of a source config."""
+  return synthetic.SceneConfig(
+      image_size=int(cfg.image_size),
+      center_bias=float(cfg.center_bias),
+      max_distractors=int(cfg.max_distractors),
+      num_captions=int(cfg.num_captions),
+      seed=int(cfg.seed),
+  )
 
 
 def source_from_config(cfg: Any, split: str | None = None) -> Any:
-    """Builds the source a (validated) source config describes; `split` overrides its split."""
-    if cfg.source == "synthetic":
-        split = split or cfg.synthetic.split
-        size = cfg.synthetic.train_size if split == "train" else cfg.synthetic.eval_size
-        return synthetic.SyntheticScenes(
-            scene_config(cfg.synthetic), split=split, size=int(size), label=cfg.synthetic.label
-        )
-    if cfg.source == "arrayrecord":
-        return ArrayRecordSource(cfg.paths)
-    if cfg.source == "tfds":
-        t = cfg.tfds
-        return TfdsSource(
-            t.name, split or t.split, t.data_dir or None, t.image_key, t.text_key, t.label_key
-        )
-    if cfg.source == "karpathy":
-        k = cfg.karpathy
-        return KarpathySource(k.json_path, k.image_dir, split or k.split)
-    raise ValueError(
-        f"data.source={cfg.source!r}; allowed: ('synthetic', 'arrayrecord', 'tfds', 'karpathy')"
+  """Builds the source a (validated) source config describes; `split` overrides its split."""
+  if cfg.source == "synthetic":
+    split = split or cfg.synthetic.split
+    size = cfg.synthetic.train_size if split == "train" else cfg.synthetic.eval_size
+    return synthetic.SyntheticScenes(
+        scene_config(cfg.synthetic), split=split, size=int(size), label=cfg.synthetic.label
     )
+  if cfg.source == "arrayrecord":
+    return ArrayRecordSource(cfg.paths)
+  if cfg.source == "tfds":
+    t = cfg.tfds
+    return TfdsSource(
+        t.name, split or t.split, t.data_dir or None, t.image_key, t.text_key, t.label_key
+    )
+  if cfg.source == "karpathy":
+    k = cfg.karpathy
+    return KarpathySource(k.json_path, k.image_dir, split or k.split)
+  raise ValueError(
+      f"data.source={cfg.source!r}; allowed: ('synthetic', 'arrayrecord', 'tfds', 'karpathy')"
+  )
