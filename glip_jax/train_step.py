@@ -163,11 +163,3 @@ def compile_train_step(model: nn.Module, tx: optax.GradientTransformation,
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, spec=spec,
                            batch_sharding=sharding_lib.batch_sharding(mesh))
   return jit_train_step(step, mesh, state_shardings)
-
-
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
-              keep: jax.Array | None = None, loss: str = "softmax") -> dict[str, jax.Array]:
-  """Loss and in-batch retrieval accuracy of a held-out batch (unmasked unless `keep` is given)."""
-  outputs = model.apply({"params": params}, batch["image"], batch["text"], keep_indices=keep)
-  value, aux = losses.contrastive_loss(loss, outputs)
-  return {"loss": value, **aux}

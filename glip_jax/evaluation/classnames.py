@@ -206,11 +206,3 @@ CLASSNAME_SETS: dict[str, tuple[str, ...]] = {
 def classnames_from_label_names(label_names: Sequence[str]) -> tuple[str, ...]:
   """Prompt-ready names from dataset label names ('maple_tree' -> 'maple tree')."""
   return tuple(name.replace("_", " ").strip() for name in label_names)
-
-
-def classnames_from_tfds(name: str, data_dir: str | None = None) -> tuple[str, ...]:
-  """Class names from a TFDS dataset's 'label' feature (needs the dataset's metadata on disk)."""
-  import tensorflow_datasets as tfds  # Slow import; only this path needs it.
-
-  builder = tfds.builder(name, data_dir=data_dir)
-  return classnames_from_label_names(builder.info.features["label"].names)
