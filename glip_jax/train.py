@@ -76,7 +76,8 @@ def validate_config(config: ml_collections.ConfigDict) -> masking.MaskingSpec:
     raise ValueError(f"loss.kind={config.loss.kind!r}; allowed: {list(losses.LOSSES)}.")
   clip_lib.build_model(config.model)  # validates every model field; builds no parameters
   data_config_lib.validate_data_config(config.data)
-  sharding_lib.mesh_shape(config.mesh, jax.device_count())
+  mesh = sharding_lib.create_mesh(config.mesh)  # a mesh is only a device layout: no compute yet
+  sharding_lib.check_batch_size(config.batch_size, mesh)
   if resolve_total_steps(config) < 1:
     raise ValueError(f"total_steps={config.total_steps!r} is invalid; allowed: an integer >= 1.")
   if config.init_from.path and config.init_from.path == config.get("workdir", None):
@@ -87,7 +88,8 @@ def validate_config(config: ml_collections.ConfigDict) -> masking.MaskingSpec:
                      "configs/demo.py:aclip.")
   if "aclip" in config:
     aclip.spec_from_config(config.aclip, 1)  # validates the A-CLIP fields
-  eval_builder.validate_evals(config)
+  for name, entry in eval_builder.validate_evals(config).items():
+    sharding_lib.check_batch_size(entry.batch_size, mesh, field=f"evals.{name}.batch_size")
   return spec
 
 
@@ -99,7 +101,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding_lib.create_mesh(config.mesh)
-  sharding_lib.check_batch_size(config.batch_size, mesh)
   logging.info("Mesh %s over %d devices (%s), %d processes.", dict(mesh.shape), jax.device_count(),
                jax.devices()[0].device_kind, jax.process_count())
 

@@ -169,6 +169,15 @@ def test_bad_config_fails_before_compute(field, value, message, tmp_path):
   assert not os.listdir(tmp_path)  # failed before writing anything
 
 
+def test_eval_batch_size_is_checked_before_compute(tmp_path):
+  config = tiny_config()
+  config.evals = {"shape": {"kind": "zeroshot", "batch_size": 12}}
+  with pytest.raises(ValueError, match=r"evals.shape.batch_size=12 is not divisible by the "
+                                       r"data-parallel size 8"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
 def test_mesh_must_match_devices(tmp_path):
   config = tiny_config()
   config.mesh.data = 3
