@@ -18,9 +18,9 @@ OVERRIDES = {
 }
 
 
-def tiny_config(arg: str = ""):
-  """The demo config with OVERRIDES applied and no evaluators (what `command` runs)."""
-  config = demo.get_config(arg)
+def tiny_config(arg: str = "", config=None):
+  """The demo config (or `config`) with OVERRIDES applied and no evaluators (what `command` runs)."""
+  config = demo.get_config(arg) if config is None else config
   for key, value in OVERRIDES.items():
     node = config
     *parents, leaf = key.split(".")

@@ -19,6 +19,7 @@ from glip_jax import logging as logging_lib
 from glip_jax import train
 from glip_jax.main import print_table
 from glip_jax.models import clip as clip_lib
+from configs import unmasked_tuning
 from runs import REPO, TOTAL_STEPS, command, read_losses as losses, tiny_config
 
 
@@ -90,6 +91,25 @@ def _compare_with_straight(workdir, straight, total_steps=TOTAL_STEPS):
   assert sorted(ours) == list(range(1, total_steps + 1))
   assert ours == reference  # bit-exact per-step losses, including those after the resume point
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir), final_params(straight))
+
+
+def test_unmasked_tuning_starts_from_the_parameters_of_another_run(straight, tmp_path):
+  tuning = unmasked_tuning.get_config(f"init={straight},base=demo,steps=3,batch=16,lr=1e-4")
+  config = tiny_config(config=tuning)
+  config.total_steps, config.checkpoint_every_steps = 3, 1
+  assert config.masking.kind == "none" and config.init_from.path == straight
+  workdir = str(tmp_path / "tuned")
+  train.train_and_evaluate(config, workdir)
+  assert read_metrics_last(workdir)["kept_tokens"] == 16  # all patches
+  # Step 1 runs at lr 0 (warmup), so its checkpoint holds exactly the masked run's parameters;
+  # the step count and optimizer state start fresh.
+  jax.tree.map(np.testing.assert_array_equal, final_params(os.path.join(workdir, "checkpoints/1")),
+               final_params(straight))
+  assert not np.array_equal(final_params(workdir)["logit_scale"], final_params(straight)["logit_scale"])
+
+
+def read_metrics_last(workdir):
+  return logging_lib.read_metrics_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
 
 
 def test_kill_9_then_resume_is_exact(straight, tmp_path):
