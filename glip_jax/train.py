@@ -80,8 +80,10 @@ def validate_config(config: ml_collections.ConfigDict) -> masking.MaskingSpec:
   sharding_lib.check_batch_size(config.batch_size, mesh)
   if resolve_total_steps(config) < 1:
     raise ValueError(f"total_steps={config.total_steps!r} is invalid; allowed: an integer >= 1.")
-  if config.init_from.path and config.init_from.path == config.get("workdir", None):
-    raise ValueError("init_from.path must differ from the workdir.")
+  height, width = clip_lib.image_size_hw(config.model.image_size)
+  if height != width:
+    raise ValueError(f"model.image_size={config.model.image_size!r}: the input pipeline crops "
+                     f"square images; use an int.")
   if spec.kind == "attentive" and "aclip" not in config:
     raise ValueError("masking.kind='attentive' needs the A-CLIP step and its config.aclip section "
                      "(teacher, views, losses); start from configs/aclip_vit_b16.py or "
@@ -108,9 +110,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tokenizer = tokenizer_lib.Tokenizer(config.model.text.context_length, config.tokenizer.kind,
                                       config.tokenizer.model_path or None)
   image_size = clip_lib.image_size_hw(config.model.image_size)
-  if image_size[0] != image_size[1]:
-    raise ValueError(f"model.image_size={config.model.image_size!r}: the input pipeline crops "
-                     f"square images; use an int.")
   # A-CLIP trains on two online views plus a zoom-out teacher view of each example, and its step
   # carries an EMA teacher; everything else in this trainer is shared with CLIP/FLIP/GLIP.
   is_aclip = "aclip" in config
