@@ -23,11 +23,14 @@ from glip_jax.data import transforms
 from glip_jax.models import clip as clip_lib
 from glip_jax.models import vit
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config whose masking to draw.")
-_OUT = flags.DEFINE_string("out", "masks.png", "PNG file to write.")
-_SAMPLES = flags.DEFINE_integer("samples", 7, "Masked example images to draw.")
-_DRAWS = flags.DEFINE_integer("draws", 2000, "Draws used to estimate the keep probabilities.")
-_SCALE = flags.DEFINE_integer("scale", 4, "Pixels per image pixel for small images.")
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a script, so tests can import the module)."""
+  config_flags.DEFINE_config_file("config", "configs/demo.py", "Config whose masking to draw.")
+  flags.DEFINE_string("out", "masks.png", "PNG file to write.")
+  flags.DEFINE_integer("samples", 7, "Masked example images to draw.")
+  flags.DEFINE_integer("draws", 2000, "Draws used to estimate the keep probabilities.")
+  flags.DEFINE_integer("scale", 4, "Pixels per image pixel for small images.")
 
 
 def keep_probability(spec: masking.MaskingSpec, grid: tuple[int, int], draws: int) -> np.ndarray:
@@ -85,10 +88,12 @@ def draw(config, samples: int, draws: int, scale: int) -> np.ndarray:
 def main(argv):
   del argv
   jax.config.update("jax_threefry_partitionable", True)
-  figure = draw(_CONFIG.value, _SAMPLES.value, _DRAWS.value, _SCALE.value)
-  Image.fromarray(figure).save(_OUT.value)
-  print(f"Wrote {_OUT.value} ({figure.shape[1]}×{figure.shape[0]}).")
+  f = flags.FLAGS
+  figure = draw(f.config, f.samples, f.draws, f.scale)
+  Image.fromarray(figure).save(f.out)
+  print(f"Wrote {f.out} ({figure.shape[1]}×{figure.shape[0]}).")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
