@@ -113,10 +113,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # A-CLIP trains on two online views plus a zoom-out teacher view of each example, and its step
   # carries an EMA teacher; everything else in this trainer is shared with CLIP/FLIP/GLIP.
   is_aclip = "aclip" in config
-  make_iterator = views.make_aclip_train_iterator if is_aclip else pipeline.make_train_iterator
   batch_keys = views.BATCH_KEYS if is_aclip else ("image", "text")
-  train_iter = make_iterator(config.data, global_batch_size=config.batch_size,
-                             image_size=image_size[0], seed=config.seed, tokenizer=tokenizer)
+  preprocess = (views.ACLIPPreprocess(image_size[0], tokenizer, config.data.crop_scale,
+                                      config.data.crop_ratio) if is_aclip else None)
+  train_iter = pipeline.make_train_iterator(
+      config.data, global_batch_size=config.batch_size, image_size=image_size[0],
+      seed=config.seed, tokenizer=tokenizer, preprocess=preprocess)
 
   # ---------------------------------------------------------------- model + optimizer
   model = clip_lib.build_model(config.model)

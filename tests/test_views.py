@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from glip_jax.data import config as config_lib
+from glip_jax.data import pipeline
 from glip_jax.data import views
 from glip_jax.data.tokenizer import Tokenizer
 
@@ -120,13 +121,14 @@ def test_color_jitter_keeps_shape_and_changes_colours():
 def _iterator(tokenizer, seed=0):
   cfg = config_lib.default_data_config()
   cfg.synthetic.update(dict(image_size=32, train_size=1000))
-  return views.make_aclip_train_iterator(
+  return pipeline.make_train_iterator(
       cfg,
       global_batch_size=4,
       image_size=SIZE,
       seed=seed,
       tokenizer=tokenizer,
       shard_options=grain.sharding.ShardOptions(0, 1, drop_remainder=True),
+      preprocess=views.ACLIPPreprocess(SIZE, tokenizer, cfg.crop_scale, cfg.crop_ratio),
   )
 
 

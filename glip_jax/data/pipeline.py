@@ -21,15 +21,13 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from glip_jax import sharding as sharding_lib
 from glip_jax.data import config as config_lib
 from glip_jax.data import sources
 from glip_jax.data import transforms
 from glip_jax.data.tokenizer import Tokenizer
-
-BATCH_AXES = ("data", "fsdp")
-
 
 def _image_of(record: dict[str, Any]) -> Any:
   return record["image_bytes"] if "image_bytes" in record else record["image"]
@@ -263,17 +261,9 @@ def make_eval_batches(
   return _finish(ds, knobs)
 
 
-def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
-  """Leading (batch) dimension split over the mesh's batch axes, the rest replicated."""
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  return NamedSharding(mesh, PartitionSpec(axes or None))
-
-
-def make_global_batch(
-    local_batch: dict[str, np.ndarray], mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES
-) -> dict[str, jax.Array]:
-  """Assembles each process' local numpy batch into global jax.Arrays sharded over batch_axes."""
-  sharding = batch_sharding(mesh, batch_axes)
+def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process' local numpy batch into global jax.Arrays split over the batch axes."""
+  sharding = sharding_lib.batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
   )

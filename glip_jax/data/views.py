@@ -26,7 +26,6 @@ import grain
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from glip_jax.data import pipeline
 from glip_jax.data import transforms
 from glip_jax.data.tokenizer import Tokenizer
 
@@ -158,29 +157,3 @@ class ACLIPPreprocess(grain.transforms.RandomMap):
         "text": self.tokenizer([caption])[0],
         "label": np.int32(record["label"]),
     }
-
-
-def make_aclip_train_iterator(
-    data_cfg: Any,
-    *,
-    global_batch_size: int,
-    image_size: int,
-    seed: int,
-    tokenizer: Tokenizer,
-    shard_options: grain.sharding.ShardOptions | None = None,
-) -> grain.DatasetIterator:
-  """Checkpointable iterator of A-CLIP local batches; same arguments as make_train_iterator.
-
-  Sharding, shuffling, mixing, batching and prefetching are the standard pipeline's
-  (pipeline.make_train_dataset); only the per-record preprocessing differs. `data_cfg.flip` is
-  ignored: A-CLIP views are never flipped.
-  """
-  return pipeline.make_train_iterator(
-      data_cfg,
-      global_batch_size=global_batch_size,
-      image_size=image_size,
-      seed=seed,
-      tokenizer=tokenizer,
-      shard_options=shard_options,
-      preprocess=ACLIPPreprocess(image_size, tokenizer, data_cfg.crop_scale, data_cfg.crop_ratio),
-  )
