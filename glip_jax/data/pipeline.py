@@ -29,8 +29,18 @@ from glip_jax.data import sources
 from glip_jax.data import transforms
 from glip_jax.data.tokenizer import Tokenizer
 
-def _image_of(record: dict[str, Any]) -> Any:
+
+def image_of(record: dict[str, Any]) -> Any:
+  """A record's image: encoded bytes (ArrayRecord, TFDS) or a decoded array (synthetic)."""
   return record["image_bytes"] if "image_bytes" in record else record["image"]
+
+
+def random_caption(record: dict[str, Any], rng: np.random.Generator) -> str:
+  """One of the record's captions, chosen with `rng`; training needs at least one."""
+  captions = record["captions"]
+  if not captions:
+    raise ValueError(f"record {record['key']!r} has no caption; training needs text")
+  return captions[int(rng.integers(len(captions)))]
 
 
 class TrainPreprocess(grain.transforms.RandomMap):
@@ -50,15 +60,11 @@ class TrainPreprocess(grain.transforms.RandomMap):
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     image, _ = transforms.random_resized_crop(
-        _image_of(record), rng, self.image_size, self.scale, self.ratio, self.flip
+        image_of(record), rng, self.image_size, self.scale, self.ratio, self.flip
     )
-    captions = record["captions"]
-    if not captions:
-      raise ValueError(f"record {record['key']!r} has no caption; training needs text")
-    caption = captions[int(rng.integers(len(captions)))]
     return {
         "image": image,
-        "text": self.tokenizer([caption])[0],
+        "text": self.tokenizer([random_caption(record, rng)])[0],
         "label": np.int32(record["label"]),
     }
 
@@ -99,7 +105,7 @@ class EvalPreprocess(grain.transforms.Map):
     if captions:
       texts[: len(captions)] = self.tokenizer(captions)
     out = {
-        "image": transforms.center_crop(_image_of(record), size),
+        "image": transforms.center_crop(image_of(record), size),
         "text": texts[0],
         "texts": texts,
         "text_mask": np.arange(c) < len(captions),
