@@ -3,7 +3,7 @@
 Training: source → global shuffle(seed) → repeat → decode + augment + tokenise (`random_map`, one
 Generator per record) → [weighted mix of sources] → batch(global / processes) → this process'
 chunk of every global batch → to_iter_dataset (threads) → mp_prefetch (worker processes, optional).
-Global batches are identical whatever the number of processes (see make_train_dataset).
+Global batches are identical whatever the number of processes (see make_train_iterator).
 The iterator's position is checkpointable: `get_state()` / `set_state()` (or
 `grain.checkpoint.CheckpointSave/Restore` under Orbax) resume with identical batches.
 
@@ -171,7 +171,7 @@ def _finish(ds: grain.MapDataset, knobs: Any) -> grain.IterDataset:
   return it
 
 
-def make_train_dataset(
+def make_train_iterator(
     data_cfg: Any,
     *,
     global_batch_size: int,
@@ -180,8 +180,8 @@ def make_train_dataset(
     tokenizer: Tokenizer,
     shard_options: grain.sharding.ShardOptions | None = None,
     preprocess: grain.transforms.RandomMap | None = None,
-) -> grain.IterDataset:
-  """The infinite training IterDataset of local batches for this process.
+) -> grain.DatasetIterator:
+  """Checkpointable, infinite iterator over this process' local training batches.
 
   `preprocess` replaces the default TrainPreprocess (e.g. A-CLIP's multi-view crops,
   glip_jax/data/views.py); sharding, shuffling, mixing and batching stay the same.
@@ -209,31 +209,7 @@ def make_train_dataset(
   # lazy: a process decodes only its own rows.
   ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds[shard_options.shard_index :: shard_options.shard_count]
-  return _finish(ds, data_cfg)
-
-
-def make_train_iterator(
-    data_cfg: Any,
-    *,
-    global_batch_size: int,
-    image_size: int,
-    seed: int,
-    tokenizer: Tokenizer,
-    shard_options: grain.sharding.ShardOptions | None = None,
-    preprocess: grain.transforms.RandomMap | None = None,
-) -> grain.DatasetIterator:
-  """Checkpointable iterator over this process' local training batches (see module docstring)."""
-  return iter(
-      make_train_dataset(
-          data_cfg,
-          global_batch_size=global_batch_size,
-          image_size=image_size,
-          seed=seed,
-          tokenizer=tokenizer,
-          shard_options=shard_options,
-          preprocess=preprocess,
-      )
-  )
+  return iter(_finish(ds, data_cfg))
 
 
 def make_eval_batches(
