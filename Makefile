@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
+DEMO_FLAGS ?=  # extra flags for the demo run, e.g. DEMO_FLAGS=--config.total_steps=100
 
 .PHONY: demo test test-slow benchmark clean
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)
-	$(BIN)/python -m glip_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+	$(BIN)/python -m glip_jax.main --config=configs/demo.py --workdir=$(WORKDIR) $(DEMO_FLAGS)
 
 test: $(VENV)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

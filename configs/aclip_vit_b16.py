@@ -1,6 +1,6 @@
 """A-CLIP ViT-B/16: attentive masking with an EMA teacher and SSL losses, the paper's YFCC-15M recipe.
 
-  python -m glip_jax.main --config=configs/aclip_vit_b16.py:data=/data/yfcc15m/*.arrayrecord \\
+  python -m glip_jax.main --config=configs/aclip_vit_b16.py:data=/data/yfcc15m/*.array_record \\
       --workdir=/ckpt/aclip_b16
 
 `:arg` keys: data (ArrayRecord glob; required), ablation ('none' = full A-CLIP, or 'random' = the
@@ -15,7 +15,6 @@ import math
 
 import ml_collections
 
-from configs import clip_vit_b16
 from configs import common
 from glip_jax import aclip
 
@@ -24,14 +23,15 @@ ABLATIONS = ("none", "random")
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """A-CLIP (Yang et al., ICCV 2023) on YFCC-15M."""
-  args = clip_vit_b16.parse_arg(arg, data="", ablation="none", epochs="25", batch="4096",
-                                epoch_size="15000000")
+  args = common.parse_arg(arg, data="", ablation="none", epochs="25", batch="4096",
+                          epoch_size="15000000", **common.RECIPE_ARGS)
   if args["ablation"] not in ABLATIONS:
     raise ValueError(f"config argument ablation={args['ablation']!r}; allowed: {list(ABLATIONS)}.")
   c = common.base_config("B/16", 224)
   c.model.dtype = "bfloat16"
   c.batch_size = int(args["batch"])
   c.total_epochs = float(args["epochs"])
+  c.method = "aclip"
   c.aclip = aclip.default_config()
   if args["ablation"] == "random":
     c.masking.update(kind="random", ratio=0.5)
@@ -48,4 +48,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   c.keep_checkpoints_every_steps = 20_000
+  c = common.apply_recipe_args(c, args)
+  if args["runlocal"] not in ("", "0"):
+    # The paper's SSL heads (4096-wide MLPs) would dwarf the shrunk towers.
+    c.aclip.update(simclr_dims=(128, 128, 32), projector_dims=(128, 32), predictor_dims=(128, 32))
   return c

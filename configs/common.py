@@ -4,6 +4,8 @@ Recipes (`configs/*.py`) start from `base_config()` and change what their paper 
 here can be overridden on the command line, e.g. `--config.masking.ratio=0.75`.
 """
 
+from typing import Any
+
 import ml_collections
 
 from glip_jax.data import config as data_config_lib
@@ -15,6 +17,9 @@ def base_config(variant: str = "B/16", image_size: int = 224) -> ml_collections.
   c = ml_collections.ConfigDict()
   c.seed = 0  # root of all randomness: init, masking, augmentation, data order
   c.batch_size = 1024  # global batch, split over mesh data×fsdp and over processes
+  # The training method (glip_jax/methods): 'clip' (CLIP/FLIP/GLIP: config.masking picks the
+  # strategy) or 'aclip' (EMA teacher, extra views, SSL losses; needs the config.aclip section).
+  c.method = "clip"
 
   # Duration: give exactly one of total_steps / total_epochs / total_examples (converted once).
   c.total_steps = 10_000
@@ -60,4 +65,76 @@ def base_config(variant: str = "B/16", image_size: int = 224) -> ml_collections.
       path="",  # a workdir, its checkpoints/ directory, or one step directory
       optimizer_state=False,  # also take the optimizer state
   ))
+  return c
+
+
+def parse_arg(arg: str, **defaults: str) -> dict[str, str]:
+  """'data=/x,epochs=30' → {'data': '/x', 'epochs': '30', ...} over `defaults` (big_vision style)."""
+  values = dict(defaults)
+  for item in filter(None, arg.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}.")
+    values[key] = value
+  return values
+
+
+# `:arg` keys every ViT-B/16 recipe accepts besides its own (see apply_recipe_args).
+RECIPE_ARGS = dict(runlocal="", imagenet="", coco="", flickr="")
+
+
+def imagenet_eval(data_dir: str, batch_size: int = 1024, masking: Any = "none") -> dict:
+  """Zero-shot ImageNet-1k (validation, CLIP's 80 templates) from a TFDS data_dir (array_record)."""
+  return dict(kind="zeroshot", classnames="imagenet", templates="clip_imagenet_80",
+              batch_size=batch_size, masking=masking, dataset=dict(source="tfds", tfds=dict(
+                  name="imagenet2012", split="validation", data_dir=data_dir, image_key="image",
+                  label_key="label")))
+
+
+def karpathy_eval(json_path: str, image_dir: str, batch_size: int = 1024) -> dict:
+  """Image-text retrieval on a Karpathy test split (COCO 5k, Flickr30k 1k), recall@1/5/10."""
+  return dict(kind="retrieval", batch_size=batch_size, dataset=dict(source="karpathy", karpathy=dict(
+      json_path=json_path, image_dir=image_dir, split="test")))
+
+
+def apply_recipe_args(c: ml_collections.ConfigDict, args: dict[str, str]) -> ml_collections.ConfigDict:
+  """The shared recipe arguments: standard evaluations, and `runlocal` for a one-minute smoke run.
+
+  imagenet=DIR  zero-shot ImageNet from the TFDS data_dir DIR (imagenet2012 built with
+                --file_format=array_record); masked recipes also get `imagenet_masked`, the papers'
+                masked-inference column.
+  coco=DIR      COCO 5k retrieval: DIR/dataset_coco.json, images under DIR (DIR/val2014/...).
+  flickr=DIR    Flickr30k 1k retrieval: DIR/dataset_flickr30k.json, images in DIR/flickr30k-images.
+  runlocal=1    shrinks the recipe to check a data pipeline in a minute on a laptop CPU: a tiny
+                model at 64 px in float32, batch 16, 20 steps, warmup 5, no worker processes.
+                (The recipe's own defaults assume an accelerator: bfloat16, worker_count=8,
+                warmup_steps=10000 and a batch of thousands.)
+  """
+  runlocal = args.get("runlocal", "") not in ("", "0", "false", "False")
+  eval_batch = 64 if runlocal else 1024
+  if args.get("imagenet"):
+    c.evals.imagenet = imagenet_eval(args["imagenet"], eval_batch)
+    if c.masking.kind not in ("none", "attentive") and c.masking.ratio > 0:
+      c.evals.imagenet_masked = imagenet_eval(args["imagenet"], eval_batch, masking="train")
+  if args.get("coco"):
+    root = args["coco"].rstrip("/")
+    c.evals.coco = karpathy_eval(f"{root}/dataset_coco.json", root, eval_batch)
+  if args.get("flickr"):
+    root = args["flickr"].rstrip("/")
+    c.evals.flickr = karpathy_eval(f"{root}/dataset_flickr30k.json", f"{root}/flickr30k-images",
+                                   eval_batch)
+  if runlocal:
+    c.model.update(clip_lib.model_config("mu/16", 64).to_dict())
+    c.model.text.update(width=64, heads=2, depth=2, context_length=32)
+    c.model.embed_dim = 64
+    c.model.dtype = "float32"
+    c.batch_size = 16
+    c.total_steps = 20
+    c.total_epochs = None
+    c.total_examples = None
+    c.optim.warmup_steps = 5
+    c.data.update(worker_count=0, read_threads=2, prefetch_batches=2)
+    c.log_every_steps = 5
+    c.checkpoint_every_steps = 10
+    c.keep_checkpoints_every_steps = 0
   return c

@@ -1,7 +1,8 @@
 """Demo: a tiny CLIP with Gaussian (GLIP) masking at 50% on the built-in synthetic scenes.
 
-Trains on a 2-core CPU in a few minutes, then evaluates zero-shot shape and colour classification
-and image-text retrieval on the held-out test split:
+Trains on a 2-core CPU in a few minutes, then evaluates zero-shot shape classification (unmasked
+and at the training ratio) and image-text retrieval on the held-out test split. (Colour is not
+evaluated: it is read off the pixels and solved by the first evaluation, so it told nothing.)
 
   make demo
   python -m glip_jax.main --config=configs/demo.py --workdir=runs/demo
@@ -36,6 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.masking.ratio = 0.0 if kind == "none" else 0.5
   c.optim.update(lr=2e-3, warmup_steps=50, weight_decay=0.05)
   if kind == "aclip":
+    c.method = "aclip"
     c.masking.kind = "attentive"  # per view, the top half of the teacher's 2×2 blocks
     c.aclip = aclip.default_config()
     c.aclip.update(simclr_dims=(256, 256, 64), projector_dims=(256, 64), predictor_dims=(256, 64),
@@ -57,8 +59,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.evals = ml_collections.ConfigDict(dict(
       shape=dict(kind="zeroshot", dataset=test_split("shape"), classnames="synthetic:shape",
                  every_steps=200, batch_size=256),
-      colour=dict(kind="zeroshot", dataset=test_split("colour"), classnames="synthetic:colour",
-                  every_steps=200, batch_size=256),
       retrieval=dict(kind="retrieval", dataset=test_split("shape"), every_steps=200,
                      batch_size=256),
   ))

@@ -1,6 +1,6 @@
 """GLIP ViT-B/16: Gaussian (centred) masking, the authors' CC12M recipe (open_clip defaults).
 
-  python -m glip_jax.main --config=configs/glip_vit_b16.py:data=/data/cc12m/*.arrayrecord,ratio=0.5 \\
+  python -m glip_jax.main --config=configs/glip_vit_b16.py:data=/data/cc12m/*.array_record,ratio=0.5 \\
       --workdir=/ckpt/glip_b16_r50
 
 `:arg` keys: data (ArrayRecord glob; required), ratio (0.5, 0.75 or 0.918), epochs (30), batch
@@ -12,12 +12,14 @@ with configs/unmasked_tuning.py (1 epoch, lr 1e-5, batch 640).
 import ml_collections
 
 from configs import clip_vit_b16
+from configs import common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """GLIP (Liang & Larson, 2024) on CC12M."""
-  args = clip_vit_b16.parse_arg(arg, data="", ratio="0.5", epochs="30", batch="1280")
-  c = clip_vit_b16.get_config(f"data={args['data']},epochs={args['epochs']},batch={args['batch']}")
+  args = common.parse_arg(arg, data="", ratio="0.5", epochs="30", batch="1280",
+                          **common.RECIPE_ARGS)
+  c = clip_vit_b16.recipe(args["data"], float(args["epochs"]), int(args["batch"]))
   c.masking.update(kind="gaussian", ratio=float(args["ratio"]), sigma=0.2, sigma_is_variance=True,
                    strength=1.0, gumbel=False)
-  return c
+  return common.apply_recipe_args(c, args)

@@ -1,6 +1,6 @@
 """Unmasked tuning: continue a masked run with all patches, a small lr and a short schedule.
 
-  python -m glip_jax.main --config=configs/unmasked_tuning.py:init=/ckpt/glip_b16_r50,data=/data/cc12m/*.arrayrecord \\
+  python -m glip_jax.main --config=configs/unmasked_tuning.py:init=/ckpt/glip_b16_r50,data=/data/cc12m/*.array_record \\
       --workdir=/ckpt/glip_b16_r50_tuned
 
 `:arg` keys: init (workdir or checkpoint of the masked run; required), data (ArrayRecord glob),
@@ -13,13 +13,13 @@ import importlib
 
 import ml_collections
 
-from configs import clip_vit_b16
+from configs import common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """The masked run's config with masking off, lr 1e-5 and one epoch (GLIP/FLIP tuning)."""
-  args = clip_vit_b16.parse_arg(arg, init="", data="", epochs="1", steps="", batch="640",
-                                lr="1e-5", base="glip_vit_b16")
+  args = common.parse_arg(arg, init="", data="", epochs="1", steps="", batch="640",
+                          lr="1e-5", base="glip_vit_b16")
   base = importlib.import_module(f"configs.{args['base']}")
   c = base.get_config(f"data={args['data']}" if args["data"] else "")
   c.init_from.path = args["init"]

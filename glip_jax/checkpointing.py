@@ -38,20 +38,20 @@ def checkpoint_dir(workdir: str | os.PathLike[str]) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
 
 
-def create_manager(directory: str | os.PathLike[str], *, save_every: int,
-                   keep: int | None, keep_every: int | None = None,
-                   read_only: bool = False) -> ocp.CheckpointManager:
-  """Async manager saving every `save_every` steps, keeping last `keep` + every `keep_every`-th."""
+def create_manager(directory: str | os.PathLike[str], *, keep: int | None,
+                   keep_every: int | None = None) -> ocp.CheckpointManager:
+  """Async manager keeping the last `keep` checkpoints plus every `keep_every`-th step.
+
+  It saves whenever `save` is called: the trainer decides when (every checkpoint_every_steps, at
+  the end and on preemption), so Orbax's own interval policy stays at its default of every step.
+  """
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=save_every,
       max_to_keep=keep,
       # Steps that are multiples of keep_period are never deleted.
       keep_period=keep_every,
       enable_async_checkpointing=True,
       # Leftovers of a save killed before it committed; never read either way.
-      cleanup_tmp_directories=not read_only,
-      create=not read_only,
-      read_only=read_only,
+      cleanup_tmp_directories=True,
   )
   # Explicit handlers, so a manager that has not saved yet (a resumed job or a
   # read-only one) can restore any item without being told the args first.
@@ -75,16 +75,69 @@ def _config_to_json(config: Any) -> dict[str, Any]:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: PyTree,
-         data_iterator: grain.DatasetIterator | None, config: Any,
-         force: bool = False) -> bool:
-  """Saves (asynchronously) if the policy says so or `force`; True if saving."""
+         data_iterator: grain.DatasetIterator | None, config: Any) -> bool:
+  """Saves asynchronously (returns once arrays are on the host); True if a save started."""
+  check_writable(manager.directory, step)
   items = {
       STATE: ocp.args.StandardSave(state),
       CONFIG: ocp.args.JsonSave(_config_to_json(config)),
   }
   if data_iterator is not None:
     items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+  return manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint save failed; training stops rather than run on unsaved."""
+
+
+def _intact(directory: epath.Path) -> str:
+  complete = all_steps(directory)
+  if complete:
+    return (f"the last complete checkpoint, step {complete[-1]}, is intact in {directory} and a "
+            f"restart resumes from it")
+  return f"no complete checkpoint exists in {directory}; a restart starts over"
+
+
+def check_writable(directory: str | os.PathLike[str], step: int | None = None) -> None:
+  """Writes and deletes a marker file in `directory`; CheckpointSaveError if that fails.
+
+  Orbax creates step directories in a background thread and, when that fails, blocks the next
+  call for minutes before reporting a timeout. One small synchronous write before each save
+  turns an unwritable (or vanished, or full) checkpoint directory into an immediate, clear error.
+  """
+  directory = epath.Path(directory)
+  marker = directory / f".write_check.{os.getpid()}"
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    marker.write_text("ok")
+    marker.unlink()
+  except OSError as e:
+    what = "the run cannot start" if step is None else (
+        f"saving the checkpoint of step {step} failed. Training stopped; {_intact(directory)}")
+    raise CheckpointSaveError(f"The checkpoint directory {directory} is not writable "
+                              f"({type(e).__name__}: {e}): {what}.") from e
+
+
+def raise_if_save_failed(manager: ocp.CheckpointManager, step: int | None, *,
+                         wait: bool = False) -> int | None:
+  """Surfaces the error of the save of `step` once it has finished; None when it succeeded.
+
+  Orbax writes in background threads, and a failure there (an unwritable directory, a full disk)
+  would otherwise only show at the next save, with every step since lost. Called after each
+  step, this stops the run one step after the failure; `wait` blocks until the save is done.
+  Returns `step` while the save is still in flight.
+  """
+  if step is None or (not wait and manager.is_saving_in_progress()):
+    return step
+  try:
+    manager.wait_until_finished()
+    manager.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointSaveError(f"Saving the checkpoint of step {step} failed: "
+                              f"{type(e).__name__}: {e}. Training stopped; "
+                              f"{_intact(epath.Path(manager.directory))}.") from e
+  return None
 
 
 def latest_step(manager: ocp.CheckpointManager) -> int | None:
@@ -137,11 +190,14 @@ def all_steps(directory: str | os.PathLike[str]) -> list[int]:
   return sorted(steps)
 
 
-def _step_dir(path: str | os.PathLike[str], step: int | None) -> epath.Path:
-  """Finds the step directory from a step dir, checkpoint dir or workdir."""
+def resolve_step_dir(path: str | os.PathLike[str],
+                     step: int | None = None) -> tuple[epath.Path, int | None]:
+  """(step directory, step) of a step dir, or of a checkpoint dir / workdir (latest or `step`)."""
   path = epath.Path(path)
-  if (path / STATE).exists() and step is None:
-    return path
+  if step is None and is_complete(path):
+    return path, int(path.name)
+  if step is None and (path / STATE).exists():
+    return path, None  # a step directory under another name (e.g. a copied checkpoint)
   for directory in (path, checkpoint_dir(path)):
     steps = all_steps(directory)
     if steps:
@@ -150,15 +206,16 @@ def _step_dir(path: str | os.PathLike[str], step: int | None) -> epath.Path:
         raise FileNotFoundError(
             f"No complete checkpoint for step {chosen} in {directory}; "
             f"have {steps}.")
-      return directory / str(chosen)
-  raise FileNotFoundError(f"No complete checkpoint found under {path}.")
+      return directory / str(chosen), chosen
+  raise FileNotFoundError(f"{os.fspath(path)}: no complete checkpoint there (give a step "
+                          f"directory, a checkpoint directory or a workdir).")
 
 
 def restore_subtrees(path: str | os.PathLike[str],
                      abstract_subtrees: Mapping[str, PyTree],
                      step: int | None = None) -> dict[str, PyTree]:
   """Restores only the named top-level subtrees of a checkpoint's state."""
-  step_dir = _step_dir(path, step)
+  step_dir, _ = resolve_step_dir(path, step)
   target = dict(abstract_subtrees)
   # partial_restore reads only the leaves present in `target`; the rest of the
   # saved state (e.g. a large optimizer state) is never loaded. Top-level keys
@@ -181,7 +238,7 @@ def restore_params_from(path: str | os.PathLike[str], abstract_params: PyTree,
 def load_config(path: str | os.PathLike[str], step: int | None = None) -> dict[str, Any]:
   """The config dict saved with a checkpoint (step dir, checkpoint dir or workdir)."""
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-    return checkpointer.restore(_step_dir(path, step) / CONFIG,
+    return checkpointer.restore(resolve_step_dir(path, step)[0] / CONFIG,
                                 args=ocp.args.JsonRestore())
 
 

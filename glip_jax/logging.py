@@ -23,10 +23,8 @@ that of an uninterrupted run) and starts the event file with a TensorBoard
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import struct
 import sys
 import time
 import types
@@ -249,37 +247,17 @@ def read_metrics_jsonl(path: str) -> list[dict[str, Any]]:
   return [by_step[s] for s in sorted(by_step)]
 
 
-def read_events(logdir: str) -> list[Any]:
-  """All Event protos of the TensorBoard event files in `logdir`, oldest file first (no TF)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  events = []
-  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-    with open(path, "rb") as f:
-      data = f.read()
-    pos = 0
-    while pos < len(data):
-      # TFRecord framing: uint64 length, uint32 masked crc of length, payload, uint32 crc.
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
-      pos += 12 + length + 4
-  return events
-
-
-def read_event_scalars(logdir: str) -> dict[str, dict[int, float]]:
-  """Scalars of the event files in `logdir` as {tag: {step: value}} (later events win)."""
-  scalars: dict[str, dict[int, float]] = {}
-  for event in read_events(logdir):
-    for value in event.summary.value:
-      if value.HasField("simple_value"):
-        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
-  return scalars
-
-
 def create_writer(workdir: str, *, just_logging: bool,
                   resume_step: int | None = None) -> metric_writers.MultiWriter:
-  """TensorBoard + metrics.jsonl + log writer (log only if `just_logging`)."""
+  """TensorBoard + metrics.jsonl writer on process 0 (no files if `just_logging`).
+
+  Every metric also goes to the absl log at --verbosity>=1; at the default verbosity the console
+  shows the trainer's progress line instead (glip_jax/progress.py), not every scalar.
+  """
+  verbose = logging.get_verbosity() >= logging.DEBUG
+  log_writers = [metric_writers.LoggingWriter()] if verbose else []
   if just_logging:  # Processes > 0: all processes see the same metrics.
-    return metric_writers.MultiWriter([metric_writers.LoggingWriter()])
+    return metric_writers.MultiWriter(log_writers)
   os.makedirs(workdir, exist_ok=True)
   jsonl_path = os.path.join(workdir, METRICS_FILENAME)
   purge_step = None
@@ -289,59 +267,5 @@ def create_writer(workdir: str, *, just_logging: bool,
   return metric_writers.MultiWriter([
       SummaryWriter(workdir, purge_step=purge_step),
       JsonlWriter(jsonl_path),
-      metric_writers.LoggingWriter(),
+      *log_writers,
   ])
-
-
-# Peak dense bf16 FLOP/s per device (vendor datasheets, without sparsity),
-# matched against `jax.Device.device_kind` (lower-cased) by substring, first
-# match wins: more specific patterns come first.
-_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("tpu v6 lite", 918e12),  # v6e (Trillium)
-    ("tpu v6e", 918e12),
-    ("tpu v5 lite", 197e12),  # v5e
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),  # v5p reports "TPU v5"
-    ("tpu v4", 275e12),
-    ("tpu v3", 123e12),
-    ("tpu v2", 45e12),
-    ("h100 pcie", 756e12),
-    ("h100 nvl", 835e12),
-    ("gh200", 989e12),
-    ("h200", 989e12),
-    ("h100", 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
-    ("h800", 989e12),
-    ("b200", 2250e12),
-    ("a100", 312e12),
-    ("a800", 312e12),
-    ("l40s", 362e12),
-    ("l4", 121e12),
-)
-
-
-def peak_flops_per_device(device_kind: str) -> float | None:
-  """Peak dense bf16 FLOP/s of one device of this kind; None if unknown (CPU)."""
-  kind = device_kind.lower()
-  for pattern, flops in _PEAK_BF16_FLOPS:
-    if pattern in kind:
-      return flops
-  return None
-
-
-def throughput_metrics(examples: int, seconds: float,
-                       flops_per_example: float | None, num_devices: int,
-                       device_kind: str) -> dict[str, float]:
-  """examples/s (total, per device), TFLOP/s per device and MFU (if known)."""
-  per_s = examples / seconds
-  out = {
-      "examples_per_s": per_s,
-      "examples_per_s_per_device": per_s / num_devices,
-  }
-  if flops_per_example is not None:
-    flops_per_device = per_s * flops_per_example / num_devices
-    out["tflops_per_s_per_device"] = flops_per_device / 1e12
-    peak = peak_flops_per_device(device_kind)
-    if peak is not None:
-      out["mfu"] = flops_per_device / peak
-  return out

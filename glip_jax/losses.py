@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from glip_jax.models.clip import l2_normalize
+
 LOSSES = ("softmax", "sigmoid")
 
 
@@ -58,3 +60,36 @@ def contrastive_loss(kind: str, outputs: dict[str, jax.Array]) -> tuple[jax.Arra
     return sigmoid_contrastive(outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"],
                                outputs["logit_bias"])
   raise ValueError(f"loss.kind={kind!r} is not a loss; allowed: {list(LOSSES)}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-supervised losses of A-CLIP's image views (SLIP's SimCLR, BYOL).
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
+  """SimCLR NT-Xent between paired views [B, d] over the global batch → (loss, top-1 accuracy).
+
+  For each anchor in view 1 the positive is its view-2 partner; negatives are every other example
+  of both views (2B − 2). Symmetrised over the two views, as SLIP/A-CLIP's SIMCLRLoss. The authors'
+  A-CLIP code passes view 1 as both views (a bug); this is the intended v1-vs-v2 pairing.
+  """
+  z1, z2 = l2_normalize(z1), l2_normalize(z2)
+  n = z1.shape[0]
+  labels = jnp.arange(n)
+  self_mask = 1e9 * jnp.eye(n, dtype=jnp.float32)
+  logits_12 = z1 @ z2.T / temperature
+  logits_11 = z1 @ z1.T / temperature - self_mask
+  logits_21 = z2 @ z1.T / temperature
+  logits_22 = z2 @ z2.T / temperature - self_mask
+  logits_1 = jnp.concatenate([logits_12, logits_11], axis=1)
+  logits_2 = jnp.concatenate([logits_21, logits_22], axis=1)
+  loss_1 = optax.softmax_cross_entropy_with_integer_labels(logits_1, labels).mean()
+  loss_2 = optax.softmax_cross_entropy_with_integer_labels(logits_2, labels).mean()
+  accuracy = jnp.mean(jnp.argmax(logits_1, axis=1) == labels)
+  return 0.5 * (loss_1 + loss_2), accuracy
+
+
+def byol_loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean of 2 − 2·cos(prediction, target); targets get no gradient."""
+  p = l2_normalize(predictions)
+  z = l2_normalize(jax.lax.stop_gradient(targets))
+  return jnp.mean(2.0 - 2.0 * jnp.sum(p * z, axis=-1))

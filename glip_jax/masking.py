@@ -112,13 +112,23 @@ def keep_indices(rng: jax.Array, spec: MaskingSpec, batch_size: int, grid: tuple
     if spec.kind == "gaussian":
       prior = gaussian_prior(grid, spec.sigma, spec.sigma_is_variance)
       score = score + spec.strength * jnp.asarray(prior)
+  return select_top_k(constrain(score), k, sharding)
+
+
+def select_top_k(score: jax.Array, k: int,
+                 sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+  """Indices of the `k` highest scores per row, int32 [B, k] sorted ascending; shard-local.
+
+  The second half of every selection kind (the first computes `score`); A-CLIP calls it directly
+  on its block grid with the kept block count.
+  """
   select = functools.partial(_top_k_sorted, k=k)
   if isinstance(sharding, jax.sharding.NamedSharding):
     # XLA's TopK is not partitioned along the batch: the SPMD partitioner would all-gather the
     # scores. Selection is per image, so run it shard-locally.
     select = jax.shard_map(select, mesh=sharding.mesh, in_specs=sharding.spec,
                            out_specs=sharding.spec)
-  return select(constrain(score))
+  return select(score)
 
 
 def _top_k_sorted(score: jax.Array, k: int) -> jax.Array:

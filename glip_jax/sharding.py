@@ -108,3 +108,13 @@ def logical_to_shardings(abstract_boxed: Any, mesh: Mesh,
   return jax.tree.map(
       lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, np.shape(leaf), mesh)),
       mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def abstract_params(model: Any, model_config: Any, mesh: Mesh) -> Any:
+  """ShapeDtypeStructs of the model's parameters with the train state's shardings on `mesh`."""
+  from glip_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  images, tokens = clip_lib.dummy_inputs(model_config)
+  boxed = jax.eval_shape(lambda rng: model.init(rng, images, tokens)["params"], jax.random.key(0))
+  shardings = logical_to_shardings(boxed, mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.unbox(boxed), shardings)

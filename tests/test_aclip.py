@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import common
 from glip_jax import aclip
 from glip_jax import flops
+from glip_jax import losses
 from glip_jax import masking
 from glip_jax import sharding as sharding_lib
 from glip_jax import train_step as train_step_lib
@@ -27,6 +28,7 @@ def tiny_config(kind="attentive"):
   config.model.text.context_length = 8
   config.masking.kind, config.masking.ratio = kind, 0.5
   config.optim.update(lr=2e-3, warmup_steps=5, weight_decay=0.0)
+  config.method = "aclip"
   config.aclip = aclip.default_config()
   config.aclip.update(TINY_HEADS)
   return config
@@ -195,11 +197,11 @@ def test_selection_is_shard_local_and_equal_to_unsharded():
 
 def test_ema_momentum_schedule_endpoints():
   spec = aclip.ACLIPSpec(total_steps=100)
-  assert float(aclip.ema_momentum(0, spec)) == pytest.approx(0.996)
-  assert float(aclip.ema_momentum(50, spec)) == pytest.approx(0.998)
-  assert float(aclip.ema_momentum(100, spec)) == pytest.approx(1.0)
-  assert float(aclip.ema_momentum(150, spec)) == pytest.approx(1.0)
-  values = [float(aclip.ema_momentum(s, spec)) for s in range(101)]
+  assert float(aclip.momentum_at(0, spec)) == pytest.approx(0.996)
+  assert float(aclip.momentum_at(50, spec)) == pytest.approx(0.998)
+  assert float(aclip.momentum_at(100, spec)) == pytest.approx(1.0)
+  assert float(aclip.momentum_at(150, spec)) == pytest.approx(1.0)
+  values = [float(aclip.momentum_at(s, spec)) for s in range(101)]
   assert all(a <= b for a, b in zip(values, values[1:]))
 
 
@@ -231,10 +233,10 @@ def _reference_nt_xent(z1, z2, tau):
 def test_nt_xent_matches_numpy():
   rng = np.random.default_rng(0)
   z1, z2 = rng.normal(size=(2, 6, 5)).astype(np.float32)
-  loss, accuracy = aclip.nt_xent(z1, z2, 0.1)
+  loss, accuracy = losses.nt_xent(z1, z2, 0.1)
   assert float(loss) == pytest.approx(_reference_nt_xent(z1, z2, 0.1), rel=1e-4)
   # Identical views are perfectly matched: high accuracy and a lower loss than random pairs.
-  same, same_accuracy = aclip.nt_xent(z1, z1, 0.1)
+  same, same_accuracy = losses.nt_xent(z1, z1, 0.1)
   assert float(same_accuracy) == 1.0 and float(same) < float(loss)
 
 
@@ -242,9 +244,9 @@ def test_byol_loss_matches_numpy_and_stops_target_gradients():
   rng = np.random.default_rng(0)
   p, z = rng.normal(size=(2, 6, 5)).astype(np.float32)
   cos = np.sum(p * z, 1) / np.linalg.norm(p, axis=1) / np.linalg.norm(z, axis=1)
-  assert float(aclip.byol_loss(p, z)) == pytest.approx(np.mean(2 - 2 * cos), rel=1e-5)
-  assert float(aclip.byol_loss(p, 3.0 * p)) == pytest.approx(0.0, abs=1e-6)
-  grad_z = jax.grad(lambda z_: aclip.byol_loss(p, z_))(z)
+  assert float(losses.byol_loss(p, z)) == pytest.approx(np.mean(2 - 2 * cos), rel=1e-5)
+  assert float(losses.byol_loss(p, 3.0 * p)) == pytest.approx(0.0, abs=1e-6)
+  grad_z = jax.grad(lambda z_: losses.byol_loss(p, z_))(z)
   assert not np.any(np.asarray(grad_z))
 
 
@@ -272,7 +274,7 @@ def test_spec_from_config_validates():
 def test_flops_b16():
   model = clip_lib.model_config("B/16", 224)
   spec = aclip.spec_from_config(aclip.default_config(), 1)
-  total = aclip.aclip_train_flops_per_example(model, spec)
+  total = flops.aclip_train_flops_per_example(model, spec)
   teacher = flops.image_forward_flops(model, 0.0)
   student = flops.image_forward_flops(model, 1 - 100 / 196)
   text = flops.text_forward_flops(model)
@@ -283,12 +285,12 @@ def test_flops_b16():
   assert total == pytest.approx(teacher + teacher_proj + 3 * (2 * student + text + 2 * heads))
   assert 150e9 < total < 170e9  # vs 123 GFLOPs for unmasked CLIP (SPEC §7)
   # The random ablation keeps 98 of 196.
-  random = aclip.aclip_train_flops_per_example(model, spec, masking.MaskingSpec("random", 0.5))
+  random = flops.aclip_train_flops_per_example(model, spec, masking.MaskingSpec("random", 0.5))
   assert random == pytest.approx(total - 3 * 2 * (student - flops.image_forward_flops(model, 0.5)))
   assert random < total
-  assert aclip.aclip_train_flops_per_example(
+  assert flops.aclip_train_flops_per_example(
       model, spec, masking.MaskingSpec("attentive", 0.5)) == pytest.approx(total)
-  assert aclip.aclip_train_flops_per_example(model, aclip.default_config()) == pytest.approx(total)
+  assert flops.aclip_train_flops_per_example(model, aclip.default_config()) == pytest.approx(total)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,7 +358,7 @@ def test_aclip_step_learns_and_updates_the_teacher():
     losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.5 * losses[0]
   assert float(metrics["loss_clip"]) < 0.5 * math.log(16)
-  assert float(metrics["ema_momentum"]) == pytest.approx(aclip.ema_momentum(19, spec_a))
+  assert float(metrics["ema_momentum"]) == pytest.approx(aclip.momentum_at(19, spec_a))
   assert int(state.step) == 20
   # Evaluation code uses state.params as CLIP params unchanged: the heads are simply ignored.
   emb = model.apply({"params": state.params}, batch["image"][:2], method="encode_image")

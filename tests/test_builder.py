@@ -58,7 +58,7 @@ def results(setup):
 
 
 ZEROSHOT_KEYS = {"zeroshot_top1", "zeroshot_top5", "zeroshot_mean_per_class_recall"}
-RETRIEVAL_KEYS = {f"{d}_recall@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+RETRIEVAL_KEYS = {f"{d}_recall_at_{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
 
 
 def test_evaluators_return_expected_keys_in_unit_interval(setup, results):

@@ -57,7 +57,7 @@ def saved(tmp_path_factory, state):
   directory = workdir / "checkpoints"
   iterator = _iterator()
   next(iterator), next(iterator)
-  manager = ck.create_manager(directory, save_every=1, keep=3)
+  manager = ck.create_manager(directory, keep=3)
   assert ck.save(manager, 2, state, iterator, {"model": {"width": 8}})
   manager.wait_until_finished()
   manager.close()
@@ -71,7 +71,7 @@ def _assert_trees_equal(a, b):
 
 def test_round_trip_state_and_iterator(saved, state):
   _, directory, expected_batches = saved
-  manager = ck.create_manager(directory, save_every=1, keep=3)
+  manager = ck.create_manager(directory, keep=3)
   assert ck.latest_step(manager) == 2
   iterator = _iterator()
   restored = ck.restore(manager, 2, ck.abstract_like(state), iterator)
@@ -84,7 +84,7 @@ def test_round_trip_state_and_iterator(saved, state):
 
 def test_restore_onto_different_mesh(saved, state, mesh42):
   _, directory, _ = saved
-  manager = ck.create_manager(directory, save_every=1, keep=3)
+  manager = ck.create_manager(directory, keep=3)
   shardings = jax.tree.map(lambda x: NamedSharding(mesh42, P()), state)
   shardings = shardings.replace(params={
       "w": NamedSharding(mesh42, P("a", "b")),
@@ -118,25 +118,18 @@ def test_params_only_restore(saved, state, mesh42):
 
 
 def test_retention_keep_last_and_every(tmp_path):
-  manager = ck.create_manager(tmp_path, save_every=2, keep=2, keep_every=4)
+  manager = ck.create_manager(tmp_path, keep=2, keep_every=4)
   tree = {"x": jnp.zeros(2)}
-  saved_steps = [s for s in range(1, 15) if ck.save(manager, s, tree, None, {})]
+  # The trainer decides when to save (checkpoint_every_steps, the end, preemption); every call saves.
+  saved_steps = [s for s in range(2, 15, 2) if ck.save(manager, s, tree, None, {})]
   manager.wait_until_finished()
-  # Orbax also saves the first step it is offered when the directory is empty.
-  assert saved_steps == [1, 2, 4, 6, 8, 10, 12, 14]
+  assert saved_steps == [2, 4, 6, 8, 10, 12, 14]
   assert ck.all_steps(tmp_path) == [4, 8, 12, 14]
   assert manager.all_steps() == [4, 8, 12, 14]
-  # force saves off-interval (the trainer's final/preemption save).
-  assert ck.save(manager, 15, tree, None, {}, force=True)
+  assert ck.save(manager, 15, tree, None, {})  # off the every-N grid (a final/preemption save)
   manager.wait_until_finished()
   assert ck.all_steps(tmp_path) == [4, 8, 12, 14, 15]
   manager.close()
-
-  # A read-only manager (the watcher's) neither saves nor deletes.
-  reader = ck.create_manager(tmp_path, save_every=1, keep=1, read_only=True)
-  assert reader.all_steps() == [4, 8, 12, 14, 15]
-  assert not ck.save(reader, 16, tree, None, {})
-  assert ck.all_steps(tmp_path) == [4, 8, 12, 14, 15]
 
 
 def test_incomplete_checkpoint_ignored(saved, tmp_path):
@@ -148,7 +141,7 @@ def test_incomplete_checkpoint_ignored(saved, tmp_path):
   assert ck.all_steps(directory) == [2]
   assert not ck.is_complete(partial)
   assert ck.is_complete(directory / "2")
-  manager = ck.create_manager(directory, save_every=1, keep=3)
+  manager = ck.create_manager(directory, keep=3)
   assert ck.latest_step(manager) == 2
   assert ck.all_steps(tmp_path / "missing") == []
 
@@ -157,7 +150,7 @@ _KILLED_SAVER = textwrap.dedent("""
     import os, signal, sys
     import jax.numpy as jnp
     from glip_jax import checkpointing as ck
-    manager = ck.create_manager(sys.argv[1], save_every=1, keep=3)
+    manager = ck.create_manager(sys.argv[1], keep=3)
     ck.save(manager, 1, {"x": jnp.zeros(4)}, None, {})
     manager.wait_until_finished()
     # 64 MB: the background write is still running when we kill ourselves.
@@ -173,7 +166,7 @@ def test_kill_mid_save_leaves_previous_latest(tmp_path):
   assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
   assert "2" not in os.listdir(tmp_path)  # Killed before the commit.
   assert ck.all_steps(tmp_path) == [1]
-  manager = ck.create_manager(tmp_path, save_every=1, keep=3)
+  manager = ck.create_manager(tmp_path, keep=3)
   assert ck.latest_step(manager) == 1
   restored = ck.restore(manager, 1, {"x": jax.ShapeDtypeStruct(
       (4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(
@@ -185,7 +178,7 @@ def test_sigterm_sets_flag(tmp_path):
   before = signal.getsignal(signal.SIGTERM)
   flag = ck.install_sigterm_handler()
   try:
-    manager = ck.create_manager(tmp_path, save_every=1, keep=1)
+    manager = ck.create_manager(tmp_path, keep=1)
     assert not ck.should_stop(flag, manager, 1)
     os.kill(os.getpid(), signal.SIGTERM)
     assert flag.requested

@@ -22,6 +22,5 @@ def test_demo_reaches_three_times_chance_on_zero_shot_shape(tmp_path):
   final = logging_lib.read_metrics_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
   chance = 1 / len(synthetic.SHAPES)
   assert final["eval/shape/zeroshot_top1"] >= 3 * chance, final
-  assert final["eval/colour/zeroshot_top1"] >= 3 * chance, final
-  assert final["eval/retrieval/i2t_recall@10"] > 10 / 512  # above chance on 512 test pairs
+  assert final["eval/retrieval/i2t_recall_at_10"] > 10 / 512  # above chance on 512 test pairs
   assert "eval/shape/zeroshot_top1" in result.stdout  # the summary table `make demo` prints

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+import tb_events
+from glip_jax import flops
 from glip_jax import logging as glog
 
 
@@ -34,7 +36,7 @@ def test_tensorboard_event_file_and_jsonl(tmp_path):
   writer.flush()
   writer.close()
 
-  events = glog.read_events(workdir)
+  events = tb_events.read_events(workdir)
   plugins = {v.metadata.plugin_data.plugin_name
              for e in events for v in e.summary.value}
   assert {"hparams", "text"} <= plugins
@@ -78,7 +80,7 @@ def test_resume_truncates_and_purges(tmp_path):
     lines = [json.loads(line) for line in f]
   assert [(r["step"], r["loss"]) for r in lines] == [
       (1, 9.0), (2, 8.0), (3, 7.0), (4, 16.0), (5, 15.0)]
-  events = glog.read_events(workdir)
+  events = tb_events.read_events(workdir)
   assert _scalars(events)[("loss", 5)] in (5.0, 15.0)  # Both runs' files kept.
   assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == 2
   # TensorBoard drops events with step >= 4 of the earlier run on this marker.
@@ -113,25 +115,25 @@ def test_report_progress_ticks(tmp_path):
 
 
 def test_peak_flops_lookup():
-  assert glog.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
-  assert glog.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
-  assert glog.peak_flops_per_device("NVIDIA H200") == 989e12
-  assert glog.peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12
-  assert glog.peak_flops_per_device("NVIDIA L4") == 121e12
-  assert glog.peak_flops_per_device("NVIDIA L40S") == 362e12
-  assert glog.peak_flops_per_device("TPU v4") == 275e12
-  assert glog.peak_flops_per_device("TPU v5 lite") == 197e12
-  assert glog.peak_flops_per_device("TPU v5") == 459e12
-  assert glog.peak_flops_per_device("TPU v6 lite") == 918e12
-  assert glog.peak_flops_per_device("cpu") is None
+  assert flops.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+  assert flops.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+  assert flops.peak_flops_per_device("NVIDIA H200") == 989e12
+  assert flops.peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12
+  assert flops.peak_flops_per_device("NVIDIA L4") == 121e12
+  assert flops.peak_flops_per_device("NVIDIA L40S") == 362e12
+  assert flops.peak_flops_per_device("TPU v4") == 275e12
+  assert flops.peak_flops_per_device("TPU v5 lite") == 197e12
+  assert flops.peak_flops_per_device("TPU v5") == 459e12
+  assert flops.peak_flops_per_device("TPU v6 lite") == 918e12
+  assert flops.peak_flops_per_device("cpu") is None
 
 
 def test_throughput_metrics():
-  m = glog.throughput_metrics(examples=1024, seconds=2.0, flops_per_example=1e12,
+  m = flops.throughput_metrics(examples=1024, seconds=2.0, flops_per_example=1e12,
                               num_devices=8, device_kind="TPU v4")
   assert m["examples_per_s"] == 512
   assert m["examples_per_s_per_device"] == 64
   assert m["tflops_per_s_per_device"] == pytest.approx(64.0)
   assert m["mfu"] == pytest.approx(64e12 / 275e12)
-  m = glog.throughput_metrics(1024, 2.0, 1e12, 8, "cpu")
+  m = flops.throughput_metrics(1024, 2.0, 1e12, 8, "cpu")
   assert "mfu" not in m and "tflops_per_s_per_device" in m

@@ -22,8 +22,8 @@ def _reference_metrics(image_emb, text_emb, owners, ks=(1, 5, 10)):
   has_caption = positive.any(1)
   i2t = _reference_ranks(scores[has_caption], positive[has_caption])
   t2i = _reference_ranks(scores.T, positive.T)
-  out = {f"i2t_recall@{k}": np.mean(i2t < k) for k in ks}
-  out.update({f"t2i_recall@{k}": np.mean(t2i < k) for k in ks})
+  out = {f"i2t_recall_at_{k}": np.mean(i2t < k) for k in ks}
+  out.update({f"t2i_recall_at_{k}": np.mean(t2i < k) for k in ks})
   return out
 
 
@@ -39,19 +39,19 @@ def test_hand_computed_recall_with_several_captions_and_ties():
   got = retrieval.retrieval_metrics(image_emb, text_emb, owners, ks=(1, 2))
   # i2t: image 0 best own caption 0.8 beats everything -> rank 0. Image 1: own caption 0.5;
   # caption 0 (0.9) scores higher -> rank 1. Image 2: rank 0.
-  assert got["i2t_recall@1"] == pytest.approx(2 / 3)
-  assert got["i2t_recall@2"] == pytest.approx(1.0)
+  assert got["i2t_recall_at_1"] == pytest.approx(2 / 3)
+  assert got["i2t_recall_at_2"] == pytest.approx(1.0)
   # t2i: caption 0 -> image 1 scores 0.9 > 0.2: rank 1. Caption 1: rank 0. Caption 2: tie 0.5 with
   # image 0 counts against -> rank 1. Caption 3: rank 0.
-  assert got["t2i_recall@1"] == pytest.approx(2 / 4)
-  assert got["t2i_recall@2"] == pytest.approx(1.0)
+  assert got["t2i_recall_at_1"] == pytest.approx(2 / 4)
+  assert got["t2i_recall_at_2"] == pytest.approx(1.0)
 
 
 def test_all_tied_scores_give_no_hits_at_one():
   image_emb = np.ones((4, 3), np.float32) / np.sqrt(3)
   got = retrieval.retrieval_metrics(image_emb, image_emb.copy(), np.arange(4), ks=(1, 4))
-  assert got["i2t_recall@1"] == 0.0 and got["t2i_recall@1"] == 0.0
-  assert got["i2t_recall@4"] == 1.0 and got["t2i_recall@4"] == 1.0
+  assert got["i2t_recall_at_1"] == 0.0 and got["t2i_recall_at_1"] == 0.0
+  assert got["i2t_recall_at_4"] == 1.0 and got["t2i_recall_at_4"] == 1.0
 
 
 @pytest.mark.parametrize("chunk_size", [3, 1024])
@@ -118,12 +118,12 @@ def test_evaluator_gathers_variable_captions_and_drops_padding():
   text_emb = np.asarray(TABLE[owners] + 1.5 * TABLE[32 + (owners * 5 + caption_index) % 32])
   normalise = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
   expected = _reference_metrics(normalise(image_emb), normalise(text_emb), owners)
-  assert list(got) == ["i2t_recall@1", "i2t_recall@5", "i2t_recall@10",
-                       "t2i_recall@1", "t2i_recall@5", "t2i_recall@10"]
+  assert list(got) == ["i2t_recall_at_1", "i2t_recall_at_5", "i2t_recall_at_10",
+                       "t2i_recall_at_1", "t2i_recall_at_5", "t2i_recall_at_10"]
   for key in expected:
     assert got[key] == pytest.approx(expected[key]), key
   # Neither direction trivially perfect, so a wrong gather would show.
-  assert 0.0 < got["t2i_recall@1"] < 1.0 and 0.0 < got["i2t_recall@1"] < 1.0
+  assert 0.0 < got["t2i_recall_at_1"] < 1.0 and 0.0 < got["i2t_recall_at_1"] < 1.0
 
 
 def test_embed_retrieval_set_owner_ids():

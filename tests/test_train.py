@@ -14,10 +14,10 @@ import jax
 import numpy as np
 import pytest
 
+import tb_events
 from glip_jax import checkpointing
 from glip_jax import logging as logging_lib
 from glip_jax import train
-from glip_jax.main import print_table
 from glip_jax.models import clip as clip_lib
 from configs import unmasked_tuning
 from runs import REPO, TOTAL_STEPS, command, read_losses as losses, tiny_config
@@ -81,7 +81,7 @@ def test_end_to_end_metrics_and_checkpoints(straight):
 
 
 def test_tensorboard_event_file_has_the_losses(straight):
-  scalars = logging_lib.read_event_scalars(straight)
+  scalars = tb_events.read_event_scalars(straight)
   assert sorted(scalars["loss"]) == list(range(1, TOTAL_STEPS + 1))
   np.testing.assert_allclose(scalars["loss"][TOTAL_STEPS], losses(straight)[TOTAL_STEPS], rtol=1e-6)
 
@@ -224,12 +224,6 @@ def test_cli_rejects_bad_override(tmp_path):
   assert result.returncode != 0
   assert "masking.kind='blocky'" in result.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
-
-
-def test_print_table(capsys):
-  print_table("Run", {"steps": 600, "loss": 1.23456, "eval/shape/zeroshot_top1": 0.5})
-  out = capsys.readouterr().out
-  assert "steps" in out and "600" in out and "1.2346" in out and "0.5000" in out
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -49,11 +49,11 @@ def watched(tmp_path_factory, state):
   workdir = tmp_path_factory.mktemp("run")
   config = _config()
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
-  manager = checkpointing.create_manager(ckpt_dir, save_every=1, keep=10)
+  manager = checkpointing.create_manager(ckpt_dir, keep=10)
 
   def save(*steps):
     for step in steps:
-      checkpointing.save(manager, step, state.replace(step=step), None, config, force=True)
+      checkpointing.save(manager, step, state.replace(step=step), None, config)
     manager.wait_until_finished()
 
   save(1)
@@ -124,8 +124,13 @@ def test_single_checkpoint_prints_table(watched, capsys):
   assert out == pytest.approx(results[FINAL_STEP])
   printed = capsys.readouterr().out
   assert f"(step {FINAL_STEP})" in printed
-  assert printed.splitlines()[1].split() == ["name", "metric", "value"]
-  assert any(line.split()[:2] == ["shape", "zeroshot_top1"] for line in printed.splitlines())
+  # The run summary's evaluation table: grouped by evaluator, each accuracy beside its chance.
+  lines = [line.strip() for line in printed.splitlines()]
+  shape = next(i for i, line in enumerate(lines) if line.startswith("shape  (zeroshot"))
+  top1 = lines[shape + 1].split()
+  assert top1[0] == "zeroshot_top1"
+  assert float(top1[1]) == pytest.approx(results[FINAL_STEP]["eval/shape/zeroshot_top1"], abs=1e-4)
+  assert "(chance" in lines[shape + 1]
 
 
 def test_single_checkpoint_step_dir_and_missing(watched, tmp_path):
@@ -135,12 +140,6 @@ def test_single_checkpoint_step_dir_and_missing(watched, tmp_path):
       pytest.approx(results[1]))
   with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
     watcher.run_watcher(_config(), workdir, checkpoint=os.fspath(tmp_path))
-
-
-def test_format_table():
-  table = watcher.format_table({"eval/a/top1": 0.5, "eval/bb/recall@1": 0.25})
-  assert table.splitlines() == ["name  metric    value", "a     top1      0.5000",
-                                "bb    recall@1  0.2500"]
 
 
 def test_model_mismatch_names_the_differing_fields(watched):

@@ -25,9 +25,8 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from glip_jax import aclip
-from glip_jax import flops
-from glip_jax import masking
+from glip_jax import methods
+from glip_jax import run_spec
 from glip_jax import sharding as sharding_lib
 from glip_jax import train_step as train_step_lib
 from glip_jax.models import clip as clip_lib
@@ -44,11 +43,9 @@ _KIND = flags.DEFINE_string("kind", None, "Masking kind for ratios > 0 (default:
 _JSON = flags.DEFINE_bool("json", False, "Print a JSON list of rows as the last line.")
 
 
-def random_batch(config, mesh) -> dict[str, jax.Array]:
-  """A device-resident batch of random uint8 images and token ids with an EOT per caption.
-
-  For A-CLIP it also holds the second online view, the teacher view and their crop boxes.
-  """
+def random_batch(config, method: methods.Method, method_spec, mesh) -> dict[str, jax.Array]:
+  """A device-resident batch of random uint8 images and token ids with an EOT per caption,
+  completed by the method (A-CLIP adds its second and teacher views and their crop boxes)."""
   rng = np.random.default_rng(0)
   h, w = clip_lib.image_size_hw(config.model.image_size)
   length = config.model.text.context_length
@@ -56,33 +53,21 @@ def random_batch(config, mesh) -> dict[str, jax.Array]:
   tokens[:, -1] = 49407
   batch = {"image": rng.integers(0, 256, (config.batch_size, h, w, 3), dtype=np.uint8),
            "text": tokens}
-  if "aclip" in config:
-    batch["image2"] = batch["teacher_image"] = batch["image"]
-    batch["box1"] = batch["box2"] = batch["teacher_box"] = np.tile(
-        np.array([0, 0, 1, 1], np.float32), (config.batch_size, 1))
-  return jax.device_put(batch, sharding_lib.batch_sharding(mesh))
+  return jax.device_put(method.example_batch(method_spec, batch),
+                        sharding_lib.batch_sharding(mesh))
 
 
 def time_train_step(config, mesh) -> dict[str, float]:
-  """Compiles the config's train step (CLIP/FLIP/GLIP or A-CLIP) and times it."""
+  """Compiles the config's train step (whichever method it names) and times it."""
+  spec = run_spec.build(config)
+  method, method_spec = spec.method, spec.method_spec
   model = clip_lib.build_model(config.model)
-  tx, schedule = train_step_lib.make_optimizer(config.optim, config.total_steps)
-  masking_spec = masking.from_config(config.masking)
-  spec = train_step_lib.StepSpec(masking=masking_spec, grid=clip_lib.grid(config.model),
-                                 loss=config.loss.kind, seed=config.seed)
-  if "aclip" in config:
-    aclip_spec = aclip.spec_from_config(config.aclip, config.total_steps)
-    state, shardings = aclip.create_train_state(model, tx, config.model, mesh, config.seed,
-                                                aclip_spec)
-    step = aclip.compile_train_step(model, tx, schedule, spec, mesh, shardings, aclip_spec)
-    gflops = aclip.aclip_train_flops_per_example(config.model, aclip_spec, masking_spec) / 1e9
-  else:
-    state, shardings = train_step_lib.create_train_state(model, tx, config.model, mesh,
-                                                         config.seed)
-    step = train_step_lib.compile_train_step(model, tx, schedule, spec, mesh, shardings)
-    ratio = masking_spec.ratio if masking_spec.active else 0.0
-    gflops = flops.train_flops_per_example(config.model, ratio) / 1e9
-  batch = random_batch(config, mesh)
+  tx, schedule = train_step_lib.make_optimizer(config.optim, spec.total_steps)
+  state, shardings = method.create_train_state(model, tx, config.model, mesh, config.seed,
+                                               method_spec)
+  step = method.compile_train_step(model, tx, schedule, spec.step, mesh, shardings, method_spec)
+  gflops = method.flops_per_example(config.model, method_spec, spec.masking) / 1e9
+  batch = random_batch(config, method, method_spec, mesh)
   t0 = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
@@ -106,13 +91,12 @@ def time_train_step(config, mesh) -> dict[str, float]:
   }
 
 
-def with_masking(config, kind: str, ratio: float, aclip_step: bool):
-  """A copy of `config` with other masking, with or without the A-CLIP step."""
+def with_masking(config, kind: str, ratio: float, method: str | None = None):
+  """A copy of `config` with other masking (and optionally another method)."""
   config = config.copy_and_resolve_references()
   config.masking.kind, config.masking.ratio = kind, ratio
-  if not aclip_step and "aclip" in config:
-    with config.unlocked():
-      del config["aclip"]
+  if method is not None:
+    config.method = method
   return config
 
 
@@ -142,7 +126,7 @@ def benchmark_train(config, mesh) -> list[dict[str, float]]:
                          else "random")
   rows = []
   for r in map(float, _RATIOS.value):
-    row = time_train_step(with_masking(config, kind if r > 0 else "none", r, False), mesh)
+    row = time_train_step(with_masking(config, kind if r > 0 else "none", r, "clip"), mesh)
     rows.append({"ratio": r, **row})
   add_speedups(rows)
   print_rows(f"{config.model.image.variant} @ {config.model.image_size}px, batch "
@@ -152,11 +136,11 @@ def benchmark_train(config, mesh) -> list[dict[str, float]]:
 
 def benchmark_aclip(config, mesh) -> list[dict[str, float]]:
   """A-CLIP's cost against unmasked CLIP: CLIP, 'random 2×50%' ablation, attentive A-CLIP."""
-  if "aclip" not in config:
+  if config.method != "aclip":
     raise app.UsageError("--mode=aclip needs an A-CLIP config, e.g. configs/demo.py:aclip.")
-  variants = {"clip": with_masking(config, "none", 0.0, False),
-              "aclip_random": with_masking(config, "random", 0.5, True),
-              "aclip_attentive": with_masking(config, "attentive", 0.5, True)}
+  variants = {"clip": with_masking(config, "none", 0.0, "clip"),
+              "aclip_random": with_masking(config, "random", 0.5),
+              "aclip_attentive": with_masking(config, "attentive", 0.5)}
   rows = [{"variant": name, **time_train_step(c, mesh)} for name, c in variants.items()]
   add_speedups(rows)
   for row in rows:  # A-CLIP reports its cost as a multiple of CLIP's time

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from glip_jax import paths  # noqa: E402
 from glip_jax.data import records  # noqa: E402
 from glip_jax.data import synthetic  # noqa: E402
 from glip_jax.data import transforms  # noqa: E402
@@ -282,6 +283,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--center_bias", type=float, default=0.5)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
+  # Resolved once here, like every user-given path (glip_jax/paths.py).
+  args.output_dir = paths.resolve(args.output_dir)
+  args.image_root = paths.resolve(args.image_root)
+  args.input = [paths.resolve(pattern) for pattern in args.input]
   defaults = {"parquet": ("jpg", "caption"), "csv": ("filepath", "caption")}
   image_default, caption_default = defaults.get(args.input_format, (None, None))
   args.image_column = args.image_column or image_default

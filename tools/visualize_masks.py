@@ -18,7 +18,7 @@ from PIL import Image
 
 from glip_jax import masking
 from glip_jax.data import config as data_config_lib
-from glip_jax.data import pipeline
+from glip_jax.data import records
 from glip_jax.data import sources
 from glip_jax.data import transforms
 from glip_jax.models import clip as clip_lib
@@ -77,7 +77,7 @@ def draw(config, samples: int, draws: int, scale: int) -> np.ndarray:
   panels = [heatmap(keep_probability(spec, grid, draws), size)]
   for i in range(samples):
     record = source[i]
-    image = transforms.center_crop(pipeline.image_of(record), size[0])
+    image = transforms.center_crop(records.image_of(record), size[0])
     panels.append(masked_image(image, None if keep is None else np.asarray(keep[i]), patch))
   gap = np.full((size[0], max(2, size[1] // 16), 3), 255, np.uint8)
   row = np.concatenate([x for panel in panels for x in (panel, gap)][:-1], axis=1)

@@ -6,6 +6,8 @@ from typing import Any
 
 import ml_collections
 
+from glip_jax import errors
+
 from glip_jax.data import sources
 from glip_jax.data import synthetic
 
@@ -72,8 +74,20 @@ def default_data_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+# Pipeline knobs (field → smallest allowed value): config.data's, and those an eval dataset may set.
+PIPELINE_KNOBS = {"worker_count": 0, "worker_buffer_size": 1, "read_threads": 1,
+                  "prefetch_batches": 1, "max_captions": 1}
+
+
 def _fail(field: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"config.data.{field}={value!r} is invalid; allowed: {allowed}")
+  errors.fail(f"data.{field}", value, allowed)
+
+
+def validate_knobs(cfg: Any, fail: Any = _fail) -> None:
+  """Each pipeline knob is an int at or above its minimum."""
+  for field, minimum in PIPELINE_KNOBS.items():
+    if not isinstance(cfg[field], int) or cfg[field] < minimum:
+      fail(field, cfg[field], f"an int >= {minimum}")
 
 
 def _validate_range(field: str, value: Any, low: float, high: float) -> None:
@@ -145,15 +159,7 @@ def validate_data_config(cfg: Any) -> None:
     validate_source_config(cfg)
   _validate_range("crop_scale", cfg.crop_scale, 0.0, 1.0)
   _validate_range("crop_ratio", cfg.crop_ratio, 0.0, float("inf"))
-  for field, minimum in (
-      ("worker_count", 0),
-      ("worker_buffer_size", 1),
-      ("read_threads", 1),
-      ("prefetch_batches", 1),
-      ("max_captions", 1),
-  ):
-    if not isinstance(cfg[field], int) or cfg[field] < minimum:
-      _fail(field, cfg[field], f"an int >= {minimum}")
+  validate_knobs(cfg)
 
 
 def _mixture_entry(entry: Any) -> tuple[Any, float]:

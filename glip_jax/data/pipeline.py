@@ -25,22 +25,10 @@ from jax.sharding import Mesh
 
 from glip_jax import sharding as sharding_lib
 from glip_jax.data import config as config_lib
+from glip_jax.data import records
 from glip_jax.data import sources
 from glip_jax.data import transforms
 from glip_jax.data.tokenizer import Tokenizer
-
-
-def image_of(record: dict[str, Any]) -> Any:
-  """A record's image: encoded bytes (ArrayRecord, TFDS) or a decoded array (synthetic)."""
-  return record["image_bytes"] if "image_bytes" in record else record["image"]
-
-
-def random_caption(record: dict[str, Any], rng: np.random.Generator) -> str:
-  """One of the record's captions, chosen with `rng`; training needs at least one."""
-  captions = record["captions"]
-  if not captions:
-    raise ValueError(f"record {record['key']!r} has no caption; training needs text")
-  return captions[int(rng.integers(len(captions)))]
 
 
 class TrainPreprocess(grain.transforms.RandomMap):
@@ -60,11 +48,11 @@ class TrainPreprocess(grain.transforms.RandomMap):
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     image, _ = transforms.random_resized_crop(
-        image_of(record), rng, self.image_size, self.scale, self.ratio, self.flip
+        records.image_of(record), rng, self.image_size, self.scale, self.ratio, self.flip
     )
     return {
         "image": image,
-        "text": self.tokenizer([random_caption(record, rng)])[0],
+        "text": self.tokenizer([records.random_caption(record, rng)])[0],
         "label": np.int32(record["label"]),
     }
 
@@ -105,7 +93,7 @@ class EvalPreprocess(grain.transforms.Map):
     if captions:
       texts[: len(captions)] = self.tokenizer(captions)
     out = {
-        "image": transforms.center_crop(image_of(record), size),
+        "image": transforms.center_crop(records.image_of(record), size),
         "text": texts[0],
         "texts": texts,
         "text_mask": np.arange(c) < len(captions),
@@ -150,7 +138,7 @@ def _seed(*parts: int) -> int:
   return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
-_PARALLELISM_FIELDS = ("read_threads", "prefetch_batches", "worker_count", "worker_buffer_size")
+_PARALLELISM_FIELDS = tuple(f for f in config_lib.PIPELINE_KNOBS if f != "max_captions")
 
 
 def _finish(ds: grain.MapDataset, knobs: Any) -> grain.IterDataset:
@@ -180,11 +168,14 @@ def make_train_iterator(
     tokenizer: Tokenizer,
     shard_options: grain.sharding.ShardOptions | None = None,
     preprocess: grain.transforms.RandomMap | None = None,
+    opened_sources: Sequence[tuple[Any, float]] | None = None,
 ) -> grain.DatasetIterator:
   """Checkpointable, infinite iterator over this process' local training batches.
 
   `preprocess` replaces the default TrainPreprocess (e.g. A-CLIP's multi-view crops,
   glip_jax/data/views.py); sharding, shuffling, mixing and batching stay the same.
+  `opened_sources` ((source, weight) per mixture component, as the run spec holds them) saves
+  opening the sources of `data_cfg` again.
   """
   config_lib.validate_data_config(data_cfg)
   shard_options = shard_options or default_shard_options()
@@ -195,8 +186,11 @@ def make_train_iterator(
         image_size, tokenizer, data_cfg.crop_scale, data_cfg.crop_ratio, bool(data_cfg.flip)
     )
   parts, weights = [], []
-  for i, (source_cfg, weight) in enumerate(config_lib.mixture_components(data_cfg)):
-    ds = grain.MapDataset.source(sources.source_from_config(source_cfg))
+  if opened_sources is None:
+    opened_sources = [(sources.source_from_config(source_cfg), weight)
+                      for source_cfg, weight in config_lib.mixture_components(data_cfg)]
+  for i, (source, weight) in enumerate(opened_sources):
+    ds = grain.MapDataset.source(source)
     ds = ds.shuffle(seed=_seed(base_seed, i, 0)).repeat()
     ds = ds.random_map(preprocess, seed=_seed(base_seed, i, 1))
     parts.append(ds)
@@ -228,7 +222,7 @@ def make_eval_batches(
   """
   # An eval dataset config needs only the source fields; the pipeline knobs fall back to defaults.
   defaults = config_lib.default_data_config()
-  knobs = {f: dataset_cfg.get(f, defaults[f]) for f in _PARALLELISM_FIELDS + ("max_captions",)}
+  knobs = {f: dataset_cfg.get(f, defaults[f]) for f in config_lib.PIPELINE_KNOBS}
   config_lib.validate_source_config(dataset_cfg)
   shard_options = shard_options or grain.sharding.ShardByJaxProcess()
   local_batch = _local_batch_size(batch_size, shard_options.shard_count)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import numpy as np
 
 FORMAT_VERSION = 1
 
@@ -48,3 +49,19 @@ def decode_record(data: bytes) -> dict[str, Any]:
       "key": record["key"],
       "metadata": record.get("metadata", {}),
   }
+
+
+# The record dict every source hands the pipeline (glip_jax/data/sources.py): 'image_bytes' or a
+# decoded 'image', 'captions', 'label', 'key' (optionally 'labels'). Two helpers read it.
+
+def image_of(record: dict[str, Any]) -> Any:
+  """A record's image: encoded bytes (ArrayRecord, TFDS) or a decoded array (synthetic)."""
+  return record["image_bytes"] if "image_bytes" in record else record["image"]
+
+
+def random_caption(record: dict[str, Any], rng: np.random.Generator) -> str:
+  """One of the record's captions, chosen with `rng`; training needs at least one."""
+  captions = record["captions"]
+  if not captions:
+    raise ValueError(f"record {record['key']!r} has no caption; training needs text")
+  return captions[int(rng.integers(len(captions)))]

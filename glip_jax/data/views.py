@@ -26,7 +26,7 @@ import grain
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from glip_jax.data import pipeline
+from glip_jax.data import records
 from glip_jax.data import transforms
 from glip_jax.data.tokenizer import Tokenizer
 
@@ -136,7 +136,7 @@ class ACLIPPreprocess(grain.transforms.RandomMap):
     self.scale, self.ratio = tuple(scale), tuple(ratio)
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    pil = transforms.decode(pipeline.image_of(record))
+    pil = transforms.decode(records.image_of(record))
     width, height = pil.size
     box1 = transforms.sample_crop_box(height, width, rng, self.scale, self.ratio)
     box2 = transforms.sample_crop_box(height, width, rng, self.scale, self.ratio)
@@ -144,7 +144,7 @@ class ACLIPPreprocess(grain.transforms.RandomMap):
     view1 = online_augment(_resized_crop(pil, box1, self.size), rng)
     view2 = online_augment(_resized_crop(pil, box2, self.size), rng)
     teacher = _resized_crop(pil, teacher_box, self.size)
-    caption = pipeline.random_caption(record, rng)
+    caption = records.random_caption(record, rng)
     return {
         "image": np.asarray(view1, np.uint8),
         "image2": np.asarray(view2, np.uint8),

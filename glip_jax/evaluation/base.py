@@ -9,13 +9,15 @@ the checkpoint watcher can hand in whatever (jitted, sharded) encoders they alre
 Eval batches are dicts of numpy arrays with a fixed batch size (so one compilation serves the
 whole set); the last batch is padded and 'mask' is False for the padding examples.
 """
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+
+from glip_jax.models.clip import l2_normalize
 
 Params = Any
 Batch = Mapping[str, np.ndarray]
@@ -40,21 +42,6 @@ class Evaluator(Protocol):
   def run(self, params: Params) -> dict[str, float]:
     """Evaluates `params`; returns metric name -> value."""
     ...
-
-
-def evaluate_all(evaluators: Iterable[Evaluator], params: Params) -> dict[str, float]:
-  """Runs every evaluator; keys are prefixed 'name/' so that two datasets never collide."""
-  results = {}
-  for evaluator in evaluators:
-    for key, value in evaluator.run(params).items():
-      results[f"{evaluator.name}/{key}"] = value
-  return results
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """x / ||x|| in float32; an all-zero vector stays zero instead of becoming NaN."""
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
 def to_host(x: jax.Array | np.ndarray) -> np.ndarray:
@@ -117,3 +104,38 @@ def embed_images(encode_image: ImageEncoder, params: Params, batches: Iterable[B
   if not embeddings:
     raise ValueError("No eval batches.")
   return np.concatenate(embeddings).astype(np.float32), np.concatenate(labels).astype(np.int32)
+
+
+def tfds_label_names(ds: Any) -> tuple[str, ...]:
+  """The label names of a TFDS eval dataset's `label_key` feature (reads its metadata only)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+
+  builder = tfds.builder(ds.tfds.name, data_dir=ds.tfds.data_dir or None)
+  return tuple(builder.info.features[ds.tfds.label_key].names)
+
+
+def dataset_num_classes(ds: Any) -> int | None:
+  """Number of classes the dataset's 'label' can take, when the config alone tells (no I/O)."""
+  from glip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  if ds.source == "synthetic":
+    return len(synthetic.CLASS_NAMES[ds.synthetic.label])
+  if ds.source == "tfds" and ds.tfds.label_key:
+    return -1  # known, but only from the dataset's metadata; see num_classes
+  return None
+
+
+def num_classes(ds: Any) -> int:
+  """Number of classes of a dataset that has them (reads TFDS metadata when needed)."""
+  known = dataset_num_classes(ds)
+  return len(tfds_label_names(ds)) if known == -1 else known
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+  """What every evaluator's `from_config` gets besides its own entry (shared by all entries)."""
+
+  encode_image: ImageEncoder
+  encode_text: TextEncoder
+  tokenizer: Any
+  masking: Masking | None  # the entry's masked-inference regime; None = unmasked
+  batches: Callable[[Any], BatchesFn]  # dataset config -> fresh-batches function

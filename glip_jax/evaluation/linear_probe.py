@@ -18,10 +18,12 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import optax.tree_utils as otu
 
+from glip_jax import errors
 from glip_jax.evaluation import base
 
 DEFAULT_L2_VALUES = tuple(float(v) for v in np.logspace(-6, 2, 9))
@@ -128,3 +130,49 @@ class LinearProbeEvaluator:
                                        self.masking)
     return linear_probe_metrics(train_x, train_y, test_x, test_y, self.num_classes, self.l2_values,
                         self.val_fraction, self.max_steps, self.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: this kind's fields, their validation and the evaluator built from an entry.
+
+DATASET_FIELDS = ("train_dataset", "test_dataset")
+
+
+def default_config() -> dict:
+  """Fields of a linear-probe entry besides the generic ones (datasets are filled in generically)."""
+  return dict(
+      num_classes=0,  # 0 = from the dataset (synthetic label or the TFDS label feature)
+      l2_values=DEFAULT_L2_VALUES,
+      val_fraction=0.2,
+      max_steps=500,
+      seed=0,
+  )
+
+
+def validate(entry: ml_collections.ConfigDict, prefix: str) -> None:
+  """Class count known, a non-empty l2 sweep, a validation fraction in (0, 1), max_steps >= 1."""
+  if not isinstance(entry.num_classes, int) or entry.num_classes < 0:
+    errors.fail(f"{prefix}num_classes", entry.num_classes, "an int >= 0 (0: from the dataset)")
+  if entry.num_classes == 0:
+    for field in DATASET_FIELDS:
+      if base.dataset_num_classes(entry[field]) is None:
+        errors.fail(f"{prefix}num_classes", 0,
+                    f"an int >= 2: {field}.source={entry[field].source!r} has no known classes")
+  l2 = tuple(entry.l2_values)
+  if not l2 or not all(isinstance(v, (int, float)) and v >= 0 for v in l2):
+    errors.fail(f"{prefix}l2_values", entry.l2_values, "a non-empty list of floats >= 0")
+  if not 0 < entry.val_fraction < 1:
+    errors.fail(f"{prefix}val_fraction", entry.val_fraction, "a float in (0, 1)")
+  if not isinstance(entry.max_steps, int) or entry.max_steps < 1:
+    errors.fail(f"{prefix}max_steps", entry.max_steps, "an int >= 1")
+
+
+def from_config(name: str, entry: ml_collections.ConfigDict,
+                context: base.BuildContext) -> LinearProbeEvaluator:
+  """The linear-probe evaluator of a validated entry."""
+  num_classes = entry.num_classes or base.num_classes(entry.train_dataset)
+  return LinearProbeEvaluator(
+      name, context.encode_image, context.batches(entry.train_dataset),
+      context.batches(entry.test_dataset), num_classes, masking=context.masking,
+      l2_values=tuple(float(v) for v in entry.l2_values), val_fraction=float(entry.val_fraction),
+      max_steps=entry.max_steps, seed=entry.seed)

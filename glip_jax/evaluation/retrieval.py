@@ -13,8 +13,10 @@ from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from glip_jax import errors
 from glip_jax.evaluation import base
 from glip_jax.evaluation import ranking
 
@@ -48,7 +50,7 @@ def query_ranks(queries: np.ndarray, query_ids: np.ndarray, candidates: np.ndarr
 
 def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image_ids: np.ndarray,
                       ks: Sequence[int] = DEFAULT_KS, chunk_size: int = 1024) -> dict[str, float]:
-  """i2t_recall@K and t2i_recall@K from normalised embeddings; caption t belongs to image ids[t]."""
+  """i2t_recall_at_K and t2i_recall_at_K from normalised embeddings; caption t belongs to image ids[t]."""
   num_images = image_emb.shape[0]
   image_ids = np.arange(num_images, dtype=np.int32)
   text_image_ids = np.asarray(text_image_ids, np.int32)
@@ -60,9 +62,9 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image_id
   t2i = query_ranks(text_emb, text_image_ids, image_emb, image_ids, chunk_size)
   results = {}
   for k in ks:
-    results[f"i2t_recall@{k}"] = float(np.mean(i2t < k))
+    results[f"i2t_recall_at_{k}"] = float(np.mean(i2t < k))
   for k in ks:
-    results[f"t2i_recall@{k}"] = float(np.mean(t2i < k))
+    results[f"t2i_recall_at_{k}"] = float(np.mean(t2i < k))
   return results
 
 
@@ -106,7 +108,33 @@ class RetrievalEvaluator:
     self._embed_text = base.make_text_embedder(encode_text)
 
   def run(self, params: base.Params) -> dict[str, float]:
-    """Returns i2t_recall@K and t2i_recall@K for each K (fractions)."""
+    """Returns i2t_recall_at_K and t2i_recall_at_K for each K (fractions)."""
     image_emb, text_emb, owners = embed_retrieval_set(self._embed_image, self._embed_text, params,
                                                       self.batches_fn(), self.masking)
     return retrieval_metrics(image_emb, text_emb, owners, self.ks, self.chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: this kind's fields, their validation and the evaluator built from an entry.
+
+DATASET_FIELDS = ("dataset",)
+
+
+def default_config() -> dict:
+  """Fields of a retrieval entry besides the generic ones."""
+  return dict(ks=(1, 5, 10))  # recall@K for each K, both directions
+
+
+def validate(entry: ml_collections.ConfigDict, prefix: str) -> None:
+  """`ks` is a non-empty list of positive ints."""
+  ks = tuple(entry.ks)
+  if not ks or not all(isinstance(k, int) and k >= 1 for k in ks):
+    errors.fail(f"{prefix}ks", entry.ks, "a non-empty list of ints >= 1")
+
+
+def from_config(name: str, entry: ml_collections.ConfigDict,
+                context: base.BuildContext) -> RetrievalEvaluator:
+  """The retrieval evaluator of a validated entry."""
+  return RetrievalEvaluator(name, context.encode_image, context.encode_text,
+                            context.batches(entry.dataset), masking=context.masking,
+                            ks=tuple(entry.ks))

@@ -15,12 +15,12 @@ training step's checkpoint is evaluated, or after `timeout_seconds`.
 `--checkpoint=PATH` (a step directory, a checkpoint directory or a workdir: its latest) evaluates
 that one checkpoint, prints a table and writes nothing.
 """
+import copy
 import json
 import os
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 from absl import logging
@@ -28,6 +28,8 @@ from etils import epath
 
 from glip_jax import checkpointing
 from glip_jax import logging as logging_lib
+from glip_jax import paths
+from glip_jax import report
 from glip_jax import sharding as sharding_lib
 from glip_jax import train
 from glip_jax.evaluation import builder
@@ -61,16 +63,6 @@ def eval_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return sharding_lib.create_mesh({"data": -1})
 
 
-def abstract_params(model: clip_lib.CLIP, model_config: ml_collections.ConfigDict,
-                    mesh: jax.sharding.Mesh) -> Any:
-  """ShapeDtypeStructs of the model's parameters with the train state's shardings on `mesh`."""
-  images, tokens = clip_lib.dummy_inputs(model_config)
-  boxed = jax.eval_shape(lambda rng: model.init(rng, images, tokens)["params"], jax.random.key(0))
-  shardings = sharding_lib.logical_to_shardings(boxed, mesh)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      nn.unbox(boxed), shardings)
-
-
 def read_record(workdir: str | os.PathLike[str]) -> set[int]:
   """Steps already evaluated (empty if the watcher never ran)."""
   path = eval_dir(workdir) / RECORD_FILENAME
@@ -89,19 +81,6 @@ def _write_record(workdir: str | os.PathLike[str], steps: set[int]) -> None:
   # A kill between the two lines leaves the old record: the step is then evaluated again, and
   # its metrics line repeated (read_metrics_jsonl merges repeated steps).
   os.replace(tmp, path)
-
-
-def _resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[epath.Path, int]:
-  """(step directory, step) of a step dir, or the latest complete one of a ckpt dir / workdir."""
-  path = epath.Path(path)
-  if checkpointing.is_complete(path):
-    return path, int(path.name)
-  for directory in (path, checkpointing.checkpoint_dir(path)):
-    steps = checkpointing.all_steps(directory)
-    if steps:
-      return directory / str(steps[-1]), steps[-1]
-  raise FileNotFoundError(f"--checkpoint={os.fspath(path)!r}: no complete checkpoint there (give a "
-                          "step directory, a checkpoint directory or a workdir).")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -129,32 +108,33 @@ def restore_params(step_dir: epath.Path, target: Any,
                      f"config the run was trained with.") from e
 
 
-def format_table(results: dict[str, float]) -> str:
-  """A name / metric / value table of 'eval/<name>/<metric>' results."""
-  rows = [key.split("/", 2)[1:] + [f"{value:.4f}"] for key, value in sorted(results.items())]
-  header = ["name", "metric", "value"]
-  widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
-  lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
-  return "\n".join(lines)
+def summary_table(config: ml_collections.ConfigDict, results: dict[str, float], title: str) -> str:
+  """The evaluation part of the run summary (grouped, ordered, chance levels) under `title`."""
+  return "\n".join([f"\nEvaluation: {title}", "-" * 72,
+                    *report.format_eval_groups(results, report.describe_evals(config))])
 
 
 def run_watcher(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
                 checkpoint: str | None = None, poll_seconds: float = 10,
                 timeout_seconds: float | None = None) -> dict:
   """Watches `workdir` (returns {step: metrics}) or evaluates one `checkpoint` (returns metrics)."""
+  workdir = paths.resolve(workdir)
+  checkpoint = paths.resolve(checkpoint) if checkpoint else checkpoint
+  config = copy.deepcopy(config)
+  paths.resolve_config_paths(config, builder.CLASSNAME_CHOICES + builder.TEMPLATE_CHOICES)
   builder.validate_evals(config)
   if not config.get("evals"):
     raise ValueError("config.evals is empty: nothing to evaluate (see docs/evaluation.md).")
   mesh = eval_mesh(config)
   model = clip_lib.build_model(config.model)
   evaluators = builder.build_evaluators(config, model, mesh)
-  target = abstract_params(model, config.model, mesh)
+  target = sharding_lib.abstract_params(model, config.model, mesh)
 
   if checkpoint is not None:
-    step_dir, step = _resolve_checkpoint(checkpoint)
+    step_dir, step = checkpointing.resolve_step_dir(checkpoint)
     params = restore_params(step_dir, target, config)
     results = builder.run_evaluators(evaluators, params)
-    print(f"{os.fspath(step_dir)} (step {step})\n{format_table(results)}")
+    print(summary_table(config, results, f"{os.fspath(step_dir)} (step {step})"))
     return results
 
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
@@ -197,4 +177,10 @@ def run_watcher(config: ml_collections.ConfigDict, workdir: str | os.PathLike[st
              else max(0.0, min(poll_seconds, deadline - time.monotonic())))
   finally:
     writer.close()
+  if evaluated and jax.process_index() == 0:
+    step = max(evaluated)
+    print(summary_table(config, evaluated[step], f"{os.fspath(workdir)} (step {step}, the last "
+                        f"of {len(evaluated)} checkpoints evaluated)"))
+    print(f"metrics: {os.fspath(out_dir / logging_lib.METRICS_FILENAME)}\n"
+          f"curves:  {report.tensorboard_command(out_dir)}   (pip install tensorboard)")
   return evaluated

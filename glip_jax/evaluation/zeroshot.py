@@ -6,15 +6,20 @@ L2-normalised embedding. Reported: top-1, top-5 and mean per-class recall (see r
 tie rule). Metrics accumulate over batches as a clu.metrics Collection of sufficient statistics
 (hit counts; per-class hit and example counts), so the result is exact whatever the batching.
 """
+import os
 from collections.abc import Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from clu import metrics as clu_metrics
 
+from glip_jax import errors
+from glip_jax.data import synthetic
 from glip_jax.evaluation import base
+from glip_jax.evaluation import classnames as classnames_lib
 from glip_jax.evaluation import ranking
 from glip_jax.evaluation import templates as templates_lib
 
@@ -153,3 +158,101 @@ class ZeroShotEvaluator:
     if metrics is None:
       raise ValueError(f"{self.name}: no eval batches.")
     return {f"zeroshot_{key}": float(value) for key, value in metrics.compute().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: this kind's fields, their validation and the evaluator built from an entry.
+
+SYNTHETIC_CLASSNAMES = tuple(f"synthetic:{label}" for label in synthetic.CLASS_NAMES)
+# 'imagenet' is the short name the configs use; the sets themselves live in classnames.py.
+NAMED_CLASSNAMES = {"imagenet": "imagenet2012", **{k: k for k in classnames_lib.CLASSNAME_SETS}}
+CLASSNAME_CHOICES = ("", "tfds") + SYNTHETIC_CLASSNAMES + tuple(NAMED_CLASSNAMES)
+TEMPLATE_CHOICES = ("", "synthetic") + tuple(templates_lib.TEMPLATE_SETS)
+DATASET_FIELDS = ("dataset",)
+
+
+def default_config() -> dict:
+  """Fields of a zero-shot entry besides the generic ones (kind, schedule, batch, masking)."""
+  return dict(
+      # '' = from the dataset (synthetic label, or the TFDS label names); see CLASSNAME_CHOICES.
+      classnames="",
+      # '' = 'synthetic' on the synthetic dataset, else 'clip_imagenet_80'; or a file path.
+      templates="",
+  )
+
+
+def _synthetic_label(entry: ml_collections.ConfigDict) -> str | None:
+  """The synthetic label a zero-shot entry classifies, or None for other datasets."""
+  if entry.classnames in SYNTHETIC_CLASSNAMES:
+    return entry.classnames.split(":", 1)[1]
+  if entry.dataset.source == "synthetic":
+    return entry.dataset.synthetic.label
+  return None
+
+
+def validate(entry: ml_collections.ConfigDict, prefix: str) -> None:
+  """Class names and templates exist and agree with the dataset; ValueError names the field."""
+  names, ds = entry.classnames, entry.dataset
+  if names in SYNTHETIC_CLASSNAMES:
+    label = names.split(":", 1)[1]
+    if ds.source != "synthetic":
+      errors.fail(f"{prefix}classnames", names, "'synthetic:*' only with dataset.source='synthetic'")
+    if ds.synthetic.label != label:
+      # The batches' 'label' is the dataset's label: the two must agree or every hit is wrong.
+      errors.fail(f"{prefix}dataset.synthetic.label", ds.synthetic.label,
+            f"{label!r}, to match classnames={names!r}")
+  elif names == "tfds" or (names == "" and ds.source == "tfds"):
+    if ds.source != "tfds" or not ds.tfds.label_key:
+      errors.fail(f"{prefix}classnames", names,
+            "'tfds' only with dataset.source='tfds' and a dataset.tfds.label_key")
+  elif names == "":
+    if ds.source != "synthetic":
+      errors.fail(f"{prefix}classnames", names,
+            f"one of {list(CLASSNAME_CHOICES[1:])} or a class-name file path for "
+            f"dataset.source={ds.source!r}")
+  elif names not in NAMED_CLASSNAMES and not os.path.isfile(names):
+    errors.fail(f"{prefix}classnames", names,
+          f"one of {list(CLASSNAME_CHOICES)} or an existing class-name file")
+  templates = entry.templates
+  if templates == "synthetic":
+    if _synthetic_label(entry) is None:
+      errors.fail(f"{prefix}templates", templates, "'synthetic' only for synthetic labels")
+  elif templates and templates not in templates_lib.TEMPLATE_SETS:
+    if not os.path.isfile(templates):
+      errors.fail(f"{prefix}templates", templates,
+            f"one of {list(TEMPLATE_CHOICES)} or an existing template file")
+    try:
+      templates_lib.load_templates(templates)
+    except ValueError as e:
+      raise ValueError(f"config.{prefix}templates={templates!r}: {e}") from None
+
+
+def resolve_classnames(entry: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Class names, in label order, of a (validated) zero-shot entry."""
+  names = entry.classnames
+  label = _synthetic_label(entry)
+  if names in SYNTHETIC_CLASSNAMES or (names == "" and label is not None):
+    return tuple(synthetic.CLASS_NAMES[label])
+  if names in ("", "tfds"):
+    return classnames_lib.classnames_from_label_names(base.tfds_label_names(entry.dataset))
+  if names in NAMED_CLASSNAMES:
+    return classnames_lib.CLASSNAME_SETS[NAMED_CLASSNAMES[names]]
+  return templates_lib.load_classnames(names)
+
+
+def resolve_template_set(entry: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Prompt templates of a (validated) zero-shot entry."""
+  label = _synthetic_label(entry)
+  spec = entry.templates or ("synthetic" if label is not None else "clip_imagenet_80")
+  if spec == "synthetic":
+    return tuple(synthetic.ZERO_SHOT_TEMPLATES[label])
+  return templates_lib.resolve_templates(spec)
+
+
+def from_config(name: str, entry: ml_collections.ConfigDict,
+                context: base.BuildContext) -> ZeroShotEvaluator:
+  """The zero-shot evaluator of a validated entry."""
+  return ZeroShotEvaluator(
+      name, context.encode_image, context.encode_text, context.tokenizer,
+      resolve_classnames(entry), resolve_template_set(entry), context.batches(entry.dataset),
+      masking=context.masking, text_batch_size=entry.batch_size)

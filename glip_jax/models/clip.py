@@ -82,12 +82,12 @@ class CLIP(nn.Module):
                    normalize: bool = True) -> jax.Array:
     """uint8 images [B,H,W,3] (+ optional keep_indices [B,K]) → image embeddings [B,E]."""
     emb = self.image(images, keep_indices)["embedding"]
-    return _l2_normalize(emb) if normalize else emb
+    return l2_normalize(emb) if normalize else emb
 
   def encode_text(self, tokens: jax.Array, normalize: bool = True) -> jax.Array:
     """int32 tokens [B,L] → text embeddings [B,E]."""
     emb = self.text(tokens)["embedding"]
-    return _l2_normalize(emb) if normalize else emb
+    return l2_normalize(emb) if normalize else emb
 
   def image_features(self, images: jax.Array, keep_indices: jax.Array | None = None,
                      return_attention: bool = False) -> dict[str, jax.Array]:
@@ -107,8 +107,10 @@ class CLIP(nn.Module):
     return out
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  """x / ||x|| along `axis` in float32 (the one normalisation every embedding goes through)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True) + 1e-12)
 
 
 def build_model(config: ml_collections.ConfigDict) -> CLIP:
