@@ -225,7 +225,7 @@ def test_global_batch_on_eight_devices(tokenizer):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("source", "webdataset", "config.data.source='webdataset'.*'synthetic'"),
+        ("source", "parquet", "config.data.source='parquet'.*'webdataset'"),
         ("crop_scale", (0.9, 0.5), "crop_scale"),
         ("worker_count", -1, "worker_count"),
     ],

@@ -9,7 +9,7 @@ import ml_collections
 from glip_jax.data import sources
 from glip_jax.data import synthetic
 
-SOURCES = ("synthetic", "arrayrecord", "tfds", "karpathy")
+SOURCES = ("synthetic", "arrayrecord", "webdataset", "tfds", "karpathy")
 
 
 def default_source_config() -> ml_collections.ConfigDict:
@@ -30,8 +30,20 @@ def default_source_config() -> ml_collections.ConfigDict:
           label="shape",  # Which label becomes 'label': shape / colour / size.
       )
   )
-  # ArrayRecord shards made by tools/make_arrayrecord.py: a glob, comma-separated globs, or a list.
+  # Shards of the 'arrayrecord' source (made by tools/make_arrayrecord.py) or of the 'webdataset'
+  # source (img2dataset .tar files): a glob, `{00000..00099}` range, comma-separated globs or a list.
   cfg.paths = ""
+  # Webdataset .tar shards read in place (glip_jax/data/webdataset.py).
+  cfg.webdataset = ml_collections.ConfigDict(
+      dict(
+          # Where shard indexes go when the shards' own directory is not writable
+          # ('' = ~/.cache/glip_jax/webdataset_index).
+          index_dir="",
+          # Fully decode every image once while indexing and skip undecodable ones (as the
+          # converter does); costs one decode pass over the data.
+          verify_images=False,
+      )
+  )
   # A TFDS dataset prepared elsewhere with --file_format=array_record (no download here).
   cfg.tfds = ml_collections.ConfigDict(
       dict(
@@ -118,6 +130,9 @@ def validate_source_config(cfg: Any, prefix: str = "") -> None:
           "a glob, comma-separated globs or a list of ArrayRecord shard paths "
           "(make them with tools/make_arrayrecord.py)",
       )
+  elif cfg.source == "webdataset":
+    if not cfg.paths:
+      _fail(f"{prefix}paths", cfg.paths, "a glob, range or list of webdataset .tar shard paths")
   elif cfg.source == "tfds":
     if not cfg.tfds.name:
       _fail(f"{prefix}tfds.name", cfg.tfds.name, "the name of a TFDS dataset prepared in data_dir")
