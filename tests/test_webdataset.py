@@ -178,7 +178,8 @@ def test_records_and_order(clean_glob):
   record = source[9]
   assert record["key"] == "00001/000010009" and record["captions"] == ["photo 9"]
   assert record["label"] == 9 and record["metadata"] == {"url": "http://x/9", "width": 28}
-  assert np.asarray(Image.open(io.BytesIO(record["image_bytes"]))).mean() == pytest.approx(90, abs=2)
+  pixels = np.asarray(Image.open(io.BytesIO(record["image_bytes"])))
+  assert pixels.mean() == pytest.approx(90, abs=2)
   with pytest.raises(IndexError):
     source[N]
 

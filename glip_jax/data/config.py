@@ -31,7 +31,8 @@ def default_source_config() -> ml_collections.ConfigDict:
       )
   )
   # Shards of the 'arrayrecord' source (made by tools/make_arrayrecord.py) or of the 'webdataset'
-  # source (img2dataset .tar files): a glob, `{00000..00099}` range, comma-separated globs or a list.
+  # source (img2dataset .tar files): a glob, a `{00000..00099}` range, comma-separated globs or a
+  # list.
   cfg.paths = ""
   # Webdataset .tar shards read in place (glip_jax/data/webdataset.py).
   cfg.webdataset = ml_collections.ConfigDict(

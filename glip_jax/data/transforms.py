@@ -4,8 +4,9 @@ Outputs stay uint8; normalisation happens on device, in the model. Crops are don
 `resize(box=...)` call (crop and resample in a single pass, antialiased), which is both faster and
 more accurate than cropping then resizing. Training crops of JPEGs are decoded in draft mode
 (DCT-domain downscale to the smallest power-of-two scale that still covers the crop at the output
-resolution), which makes full-size web images cheap; see docs/data.md ("Decode path"). All randomness comes from a numpy Generator passed in
-(Grain's `random_map` gives each record its own), so a record's augmentation is deterministic.
+resolution), which makes the resize of full-size web images cheap; see docs/data.md ("Decode
+path"). All randomness comes from a numpy Generator passed in (Grain's `random_map` gives each
+record its own), so a record's augmentation is deterministic.
 """
 
 from __future__ import annotations

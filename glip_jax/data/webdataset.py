@@ -240,7 +240,7 @@ def _load(path: epath.Path, shard_id: str, verify_images: bool) -> dict[str, Any
 
 
 def load_or_build_index(shard: str, index_dir: str = "", verify_images: bool = False) -> dict:
-  """The shard's index from a sidecar if current, else built and written to the first writable one."""
+  """The shard's index from a current sidecar, else built and written where writable."""
   shard_id = fingerprint(shard)
   candidates = _sidecar_paths(shard, index_dir)
   for path in candidates:
@@ -272,28 +272,20 @@ class WebDatasetSource:
   ):
     self.paths = expand_shards(paths)
     self.skipped: collections.Counter[str] = collections.Counter()
-    spans, kinds, keys, counts = [], [], [], []
+    # Per shard, the index's [key, {ext: [offset, size]}] list as loaded: no per-example work at
+    # start-up (a 3M-example set starts in seconds); the member table is read per access.
+    self._examples: list[list[Any]] = []
+    self._stems = [os.path.splitext(os.path.basename(shard))[0] for shard in self.paths]
     for shard in self.paths:
       index = load_or_build_index(shard, index_dir, verify_images)
       self.skipped.update(index["skipped"])
-      stem = os.path.splitext(os.path.basename(shard))[0]
-      for key, members in index["examples"]:
-        keys.append(f"{stem}/{key}")
-        kinds.append(tuple(sorted(members.items(), key=lambda kv: kv[1][0])))
-        starts = [offset for offset, _ in members.values()]
-        ends = [offset + size for offset, size in members.values()]
-        spans.append((min(starts), max(ends)))
-      counts.append(len(index["examples"]))
-    # Compact arrays: the source is pickled into every Grain worker process.
-    self._spans = np.asarray(spans, np.int64).reshape(-1, 2)
-    self._ends = np.cumsum(counts)
-    self._keys = keys
-    self._members = kinds
-    if not keys:
+      self._examples.append(index["examples"])
+    self._ends = np.cumsum([len(examples) for examples in self._examples])
+    if not len(self):
       raise ValueError(f"webdataset shards {self.paths[:3]} hold no complete example")
 
   def __len__(self) -> int:
-    return len(self._keys)
+    return int(self._ends[-1]) if len(self._ends) else 0
 
   def _read(self, shard: str, start: int, length: int) -> bytes:
     if "://" not in shard:
@@ -317,16 +309,19 @@ class WebDatasetSource:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range for {len(self)} examples")
-    shard = self.paths[int(np.searchsorted(self._ends, index, side="right"))]
-    start, end = (int(v) for v in self._spans[index])
-    span = self._read(shard, start, end - start)
-    data = {kind: span[o - start : o - start + n] for kind, (o, n) in self._members[index]}
+    shard = int(np.searchsorted(self._ends, index, side="right"))
+    key, members = self._examples[shard][index - (int(self._ends[shard - 1]) if shard else 0)]
+    # An example's members are adjacent in the tar: one read covers them all.
+    start = min(offset for offset, _ in members.values())
+    end = max(offset + size for offset, size in members.values())
+    span = self._read(self.paths[shard], start, end - start)
+    data = {kind: span[o - start : o - start + n] for kind, (o, n) in members.items()}
     meta = _parse_json(data["json"]) if "json" in data else {}
     return {
         "image_bytes": data[_image_ext(data)],
         "captions": [_caption(data)],
         "label": int(data["cls"].decode().strip()) if "cls" in data else -1,
-        "key": self._keys[index],
+        "key": f"{self._stems[shard]}/{key}",
         "metadata": _scalar_metadata(meta),
     }
 
