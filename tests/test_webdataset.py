@@ -226,3 +226,46 @@ def test_two_processes_see_disjoint_halves_of_the_epoch(clean_glob, tokenizer):
     assert len(set(labels)) == N // 2
     seen.append(set(labels))
   assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(N))
+
+
+_KILLED_CHILD = r"""
+import hashlib, os, signal, sys
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+import grain
+from etils import epath
+sys.path.insert(0, {tests!r})
+import test_webdataset as t
+from glip_jax.data.tokenizer import Tokenizer
+it = t._train(t._config({paths!r}), Tokenizer(context_length=8))
+for _ in range(2):
+  next(it)
+grain.checkpoint.CheckpointHandler().save(
+    epath.Path({ckpt!r}), args=grain.checkpoint.CheckpointSave(it))
+with open({out!r}, "w") as f:
+  for _ in range(3):
+    f.write(hashlib.sha1(next(it)["image"].tobytes()).hexdigest() + "\n")
+os.kill(os.getpid(), signal.SIGKILL)  # No clean-up, no atexit: as a preempted host.
+"""
+
+
+def test_resume_after_kill_9(clean_glob, tokenizer, tmp_path):
+  import hashlib
+  import subprocess
+
+  from etils import epath
+
+  ckpt, out = tmp_path / "data", tmp_path / "hashes.txt"
+  ckpt.mkdir()
+  code = _KILLED_CHILD.format(
+      tests=os.path.dirname(__file__), paths=clean_glob, ckpt=str(ckpt), out=str(out)
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
+  assert child.returncode == -9, child.stderr.decode()[-2000:]
+  restored = _train(_config(clean_glob), tokenizer)
+  grain.checkpoint.CheckpointHandler().restore(
+      epath.Path(ckpt), args=grain.checkpoint.CheckpointRestore(restored)
+  )
+  got = [hashlib.sha1(next(restored)["image"].tobytes()).hexdigest() for _ in range(3)]
+  assert got == out.read_text().split()

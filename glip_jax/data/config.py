@@ -81,6 +81,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.worker_buffer_size = 2  # Batches each worker prepares ahead.
   cfg.read_threads = 4  # Threads per process that preprocess batches (PIL releases the GIL).
   cfg.prefetch_batches = 4  # Batches those threads keep ready.
+  # Global batches the trainer keeps already on the devices (glip_jax/data/prefetch.py), so the
+  # host→device copy overlaps the step; 0: transfer each batch when the step needs it.
+  cfg.device_prefetch = 2
   cfg.max_captions = 5  # Eval: captions per image kept for retrieval ('texts' [b, C, L]).
   return cfg
 
@@ -166,6 +169,7 @@ def validate_data_config(cfg: Any) -> None:
       ("worker_buffer_size", 1),
       ("read_threads", 1),
       ("prefetch_batches", 1),
+      ("device_prefetch", 0),
       ("max_captions", 1),
   ):
     if not isinstance(cfg[field], int) or cfg[field] < minimum:
