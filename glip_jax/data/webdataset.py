@@ -43,8 +43,7 @@ _FINGERPRINT_BYTES = 1 << 16
 INDEX_SUFFIX = ".glip-index.json"
 DEFAULT_INDEX_DIR = "~/.cache/glip_jax/webdataset_index"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
-# The member kinds an example's record is built from; others (e.g. img2dataset's .parquet-free
-# extras) are ignored.
+# The member kinds an example's record is built from; others (e.g. .npy embeddings) are ignored.
 _KINDS = IMAGE_EXTENSIONS + ("txt", "json", "cls")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
