@@ -4,8 +4,9 @@ Per core: one thread reads a record from its source and runs the training prepro
 RandomResizedCrop + flip + tokenise), timed by that thread's CPU time (`time.thread_time`), so the
 figure is examples per CPU-second and holds better on a shared machine; wall-clock rates are
 reported next to it, and all variants are measured interleaved (compare ratios within a run).
-`*_read` is the source read alone; `*_full_decode` the previous decode path (no draft mode). All cores: the real Grain training iterator (`pipeline.make_train_iterator`) with
-reader threads or with worker processes, in wall-clock examples/s.
+`*_read` is the source read alone; `*_full_decode` the previous decode path (no draft mode).
+All cores: the real Grain training iterator (`pipeline.make_train_iterator`) with reader threads
+or with worker processes, in wall-clock examples/s.
 
 Benchmark sets, all generated here: photo-like JPEGs (smooth colour fields + oriented texture +
 sensor noise, quality 90) at web sizes (shorter side 400–768, longer up to 1024), the same images

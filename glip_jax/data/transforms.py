@@ -111,7 +111,7 @@ def random_resized_crop(
     flip: bool = False,
     draft: bool = True,
 ) -> tuple[np.ndarray, CropBox]:
-  """Training view: random crop resized to `size` (+ optional horizontal flip) → (uint8 [H,W,3], box).
+  """Training view: random crop resized to `size` (+ optional flip) → (uint8 [H,W,3], box).
 
   The box is sampled on the stored size (read from the header); a JPEG is then decoded in draft
   mode, i.e. downscaled in the DCT domain by the largest power of two that keeps the crop at least
