@@ -16,6 +16,7 @@ batches exactly, because the host pipeline is deterministic given its state. It 
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from collections.abc import Callable
@@ -53,28 +54,33 @@ class DevicePrefetch(grain.DatasetIterator):
     self._to_device = to_device
     self._keys = keys
     self._size = size
-    self._state = host_iterator.get_state()  # Position after the batches handed out so far.
+    self._state = copy.deepcopy(host_iterator.get_state())  # After the batches handed out.
     self._queue: queue.Queue | None = None
     self._stop = threading.Event()
+
+  @staticmethod
+  def _put(out: queue.Queue, stop: threading.Event, item: Any) -> None:
+    """Blocks until there is room, but gives up once stopped (so `_halt` never waits forever)."""
+    while not stop.is_set():
+      try:
+        out.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
 
   def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
     try:
       while not stop.is_set():
         local = next(self._host)
-        state = self._host.get_state()
+        # A copy: the state must stay the one after *this* batch whatever the iterator does next.
+        state = copy.deepcopy(self._host.get_state())
         if self._keys is not None:
           local = {k: local[k] for k in self._keys}
-        item = (self._to_device(local), state)
-        while not stop.is_set():
-          try:
-            out.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
+        self._put(out, stop, (self._to_device(local), state))
     except StopIteration:
-      out.put((_END, None))
+      self._put(out, stop, (_END, None))
     except BaseException as e:  # Re-raised in the consumer's thread, where it is actionable.
-      out.put((e, None))
+      self._put(out, stop, (e, None))
 
   def start_prefetch(self) -> None:
     """Starts the producer thread (idempotent); `next()` calls it on first use."""
