@@ -28,6 +28,7 @@ from glip_jax import progress as progress_lib
 from glip_jax import run_spec as run_spec_lib
 from glip_jax import train_step as train_step_lib
 from glip_jax.data import pipeline
+from glip_jax.data import prefetch
 from glip_jax.evaluation import builder as eval_builder
 from glip_jax.models import clip as clip_lib
 
@@ -63,11 +64,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointing.check_writable(checkpointing.checkpoint_dir(workdir))
 
   # ---------------------------------------------------------------- data
-  train_iter = pipeline.make_train_iterator(
+  host_iter = pipeline.make_train_iterator(
       config.data, global_batch_size=config.batch_size, image_size=spec.image_size[0],
       seed=config.seed, tokenizer=spec.tokenizer, opened_sources=spec.train_sources,
       preprocess=method.make_preprocess(spec.method_spec, config.data, spec.image_size[0],
                                         spec.tokenizer))
+  # Batches already on the devices, `device_prefetch` ahead, so the copy overlaps the step; its
+  # checkpointed state is the position after the batches consumed (glip_jax/data/prefetch.py).
+  prefetching = config.data.device_prefetch > 0
+  train_iter = (prefetch.DevicePrefetch(host_iter, mesh, size=config.data.device_prefetch,
+                                        keys=method.batch_keys) if prefetching else host_iter)
 
   # ---------------------------------------------------------------- model + optimizer
   model = clip_lib.build_model(config.model)
@@ -138,7 +144,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       t0 = time.perf_counter()
       local_batch = next(train_iter)
       data_wait += time.perf_counter() - t0
-      batch = pipeline.make_global_batch({k: local_batch[k] for k in method.batch_keys}, mesh)
+      batch = (local_batch if prefetching else
+               pipeline.make_global_batch({k: local_batch[k] for k in method.batch_keys}, mesh))
       state, metrics = train_step(state, batch)
       step += 1
       interval_steps += 1

@@ -225,7 +225,7 @@ def test_global_batch_on_eight_devices(tokenizer):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("source", "webdataset", "config.data.source='webdataset'.*'synthetic'"),
+        ("source", "parquet", "config.data.source='parquet'.*'webdataset'"),
         ("crop_scale", (0.9, 0.5), "crop_scale"),
         ("worker_count", -1, "worker_count"),
     ],
@@ -258,9 +258,14 @@ def test_batch_size_must_divide_over_processes(tokenizer):
 
 
 def test_benchmark_data_smoke():
-  from glip_jax.data.throughput import benchmark_data
+  from glip_jax.data import throughput
 
-  result = benchmark_data(
-      image_size=32, stored_size=48, num_examples=8, synthetic_sizes=(32,), synthetic_count=20
+  result = throughput.benchmark_data(
+      image_size=32, num_examples=4, synthetic_size=32, batch_size=4, batches=1, cores=1
   )
-  assert result["jpeg_records_per_s"] > 0 and result["synthetic_render_32px_per_s"] > 0
+  for name in ("arrayrecord_256", "webdataset_256", "webdataset_full", "synthetic_32px"):
+    assert result[f"{name}_per_core"] > 0 and result[f"{name}_all_cores_workers"] > 0
+    assert result[f"cores_needed_{name}"] == pytest.approx(8 * 10_000 / result[f"{name}_per_core"])
+  assert "cores needed to feed 8 devices at 10000 examples/s each" in throughput.format_results(
+      result
+  )

@@ -173,7 +173,7 @@ def test_attentive_masking_needs_the_aclip_section(tmp_path):
     ("masking.ratio", 1.5, r"masking.ratio=1.5"),
     ("batch_size", 12, r"batch_size=12 is not divisible by the data-parallel size 8"),
     ("model.image_size", 30, r"model.image_size=\(30, 30\) is not divisible by the patch size 8"),
-    ("data.source", "webdataset", r"config.data.source='webdataset' is invalid"),
+    ("data.source", "parquet", r"config.data.source='parquet' is invalid"),
     ("loss.kind", "cosine", r"loss.kind='cosine'"),
     ("log_every_steps", 0, r"log_every_steps=0 is invalid"),
 ])

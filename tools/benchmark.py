@@ -40,6 +40,10 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per ratio (the median is
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _KIND = flags.DEFINE_string("kind", None, "Masking kind for ratios > 0 (default: the config's, "
                             "or 'random' if the config has none).")
+_DATA_DEVICES = flags.DEFINE_integer("data_devices", 8, "--mode=data: devices in 'cores needed'.")
+_DATA_RATE = flags.DEFINE_float("data_device_rate", 10_000.0,
+                                "--mode=data: examples/s each device consumes (from --mode=train).")
+_DATA_ALL_CORES = flags.DEFINE_bool("data_all_cores", True, "--mode=data: also time all cores.")
 _JSON = flags.DEFINE_bool("json", False, "Print a JSON list of rows as the last line.")
 
 
@@ -160,10 +164,10 @@ def main(argv):
     rows = (benchmark_train if _MODE.value == "train" else benchmark_aclip)(config, mesh)
   else:
     from glip_jax.data import throughput  # pylint: disable=g-import-not-at-top
-    rows = throughput.benchmark_data()
-    print("\nInput pipeline, examples/s on one core (one worker):")
-    for key, value in rows.items():
-      print(f"  {key:<40} {value:>10.0f}" if isinstance(value, float) else f"  {key:<40} {value:>10}")
+    rows = throughput.benchmark_data(devices=_DATA_DEVICES.value, device_rate=_DATA_RATE.value,
+                                     all_cores=_DATA_ALL_CORES.value)
+    print("\nInput pipeline, examples/s (per core = per CPU-second of one thread):")
+    print(throughput.format_results(rows))
   if _JSON.value:
     print(json.dumps(rows))
 

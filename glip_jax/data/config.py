@@ -11,7 +11,7 @@ from glip_jax import errors
 from glip_jax.data import sources
 from glip_jax.data import synthetic
 
-SOURCES = ("synthetic", "arrayrecord", "tfds", "karpathy")
+SOURCES = ("synthetic", "arrayrecord", "webdataset", "tfds", "karpathy")
 
 
 def default_source_config() -> ml_collections.ConfigDict:
@@ -32,8 +32,21 @@ def default_source_config() -> ml_collections.ConfigDict:
           label="shape",  # Which label becomes 'label': shape / colour / size.
       )
   )
-  # ArrayRecord shards made by tools/make_arrayrecord.py: a glob, comma-separated globs, or a list.
+  # Shards of the 'arrayrecord' source (made by tools/make_arrayrecord.py) or of the 'webdataset'
+  # source (img2dataset .tar files): a glob, a `{00000..00099}` range, comma-separated globs or a
+  # list.
   cfg.paths = ""
+  # Webdataset .tar shards read in place (glip_jax/data/webdataset.py).
+  cfg.webdataset = ml_collections.ConfigDict(
+      dict(
+          # Where shard indexes go when the shards' own directory is not writable
+          # ('' = ~/.cache/glip_jax/webdataset_index).
+          index_dir="",
+          # Fully decode every image once while indexing and skip undecodable ones (as the
+          # converter does); costs one decode pass over the data.
+          verify_images=False,
+      )
+  )
   # A TFDS dataset prepared elsewhere with --file_format=array_record (no download here).
   cfg.tfds = ml_collections.ConfigDict(
       dict(
@@ -70,6 +83,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.worker_buffer_size = 2  # Batches each worker prepares ahead.
   cfg.read_threads = 4  # Threads per process that preprocess batches (PIL releases the GIL).
   cfg.prefetch_batches = 4  # Batches those threads keep ready.
+  # Global batches the trainer keeps already on the devices (glip_jax/data/prefetch.py), so the
+  # host→device copy overlaps the step; 0: transfer each batch when the step needs it.
+  cfg.device_prefetch = 2
   cfg.max_captions = 5  # Eval: captions per image kept for retrieval ('texts' [b, C, L]).
   return cfg
 
@@ -132,6 +148,9 @@ def validate_source_config(cfg: Any, prefix: str = "") -> None:
           "a glob, comma-separated globs or a list of ArrayRecord shard paths "
           "(make them with tools/make_arrayrecord.py)",
       )
+  elif cfg.source == "webdataset":
+    if not cfg.paths:
+      _fail(f"{prefix}paths", cfg.paths, "a glob, range or list of webdataset .tar shard paths")
   elif cfg.source == "tfds":
     if not cfg.tfds.name:
       _fail(f"{prefix}tfds.name", cfg.tfds.name, "the name of a TFDS dataset prepared in data_dir")
@@ -160,6 +179,9 @@ def validate_data_config(cfg: Any) -> None:
   _validate_range("crop_scale", cfg.crop_scale, 0.0, 1.0)
   _validate_range("crop_ratio", cfg.crop_ratio, 0.0, float("inf"))
   validate_knobs(cfg)
+  # Training only: global batches kept on the devices ahead of the step (glip_jax/data/prefetch.py).
+  if not isinstance(cfg.device_prefetch, int) or cfg.device_prefetch < 0:
+    _fail("device_prefetch", cfg.device_prefetch, "an int >= 0 (0: no device prefetch)")
 
 
 def _mixture_entry(entry: Any) -> tuple[Any, float]:

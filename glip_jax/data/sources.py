@@ -1,7 +1,7 @@
 """Random-access data sources that all yield one common record dict.
 
 Common record (what every source's `__getitem__` returns):
-  'image_bytes' bytes           encoded image (ArrayRecord, TFDS), or
+  'image_bytes' bytes           encoded image (ArrayRecord, webdataset, TFDS), or
   'image'       uint8 [H,W,3]   an already decoded image (synthetic)
   'captions'    list[str]       all captions of the example (may be empty for image/label sets)
   'label'       int             class id, -1 when the source has none
@@ -24,6 +24,7 @@ import numpy as np
 
 from glip_jax.data import records
 from glip_jax.data import synthetic
+from glip_jax.data import webdataset
 
 Record = dict[str, Any]
 
@@ -248,6 +249,11 @@ def source_from_config(cfg: Any, split: str | None = None) -> Any:
     )
   if cfg.source == "arrayrecord":
     return ArrayRecordSource(cfg.paths)
+  if cfg.source == "webdataset":
+    w = cfg.get("webdataset", {})
+    return webdataset.WebDatasetSource(
+        cfg.paths, w.get("index_dir", ""), bool(w.get("verify_images", False))
+    )
   if cfg.source == "tfds":
     t = cfg.tfds
     return TfdsSource(
@@ -257,5 +263,6 @@ def source_from_config(cfg: Any, split: str | None = None) -> Any:
     k = cfg.karpathy
     return KarpathySource(k.json_path, k.image_dir, split or k.split)
   raise ValueError(
-      f"data.source={cfg.source!r}; allowed: ('synthetic', 'arrayrecord', 'tfds', 'karpathy')"
+      f"data.source={cfg.source!r}; allowed: "
+      "('synthetic', 'arrayrecord', 'webdataset', 'tfds', 'karpathy')"
   )

@@ -2,8 +2,11 @@
 
 Outputs stay uint8; normalisation happens on device, in the model. Crops are done by one PIL
 `resize(box=...)` call (crop and resample in a single pass, antialiased), which is both faster and
-more accurate than cropping then resizing. All randomness comes from a numpy Generator passed in
-(Grain's `random_map` gives each record its own), so a record's augmentation is deterministic.
+more accurate than cropping then resizing. Training crops of JPEGs are decoded in draft mode
+(DCT-domain downscale to the smallest power-of-two scale that still covers the crop at the output
+resolution), which makes the resize of full-size web images cheap; see docs/data.md ("Decode
+path"). All randomness comes from a numpy Generator passed in (Grain's `random_map` gives each
+record its own), so a record's augmentation is deterministic.
 """
 
 from __future__ import annotations
@@ -33,15 +36,39 @@ class CropBox(NamedTuple):
     return np.array([self.top, self.left, self.bottom, self.right], np.float32)
 
 
+class UndecodableImageError(ValueError):
+  """Encoded image bytes that PIL cannot decode (corrupt, truncated or not an image)."""
+
+
+def _open(image: bytes | np.ndarray | Image.Image) -> Image.Image:
+  """A PIL image; for bytes only the header is read (decoding waits for `load`)."""
+  if isinstance(image, Image.Image):
+    return image
+  if isinstance(image, np.ndarray):
+    return Image.fromarray(image)
+  try:
+    return Image.open(io.BytesIO(image))
+  except Exception as e:  # PIL raises many types for bad data; all mean "undecodable".
+    raise UndecodableImageError(f"cannot decode image ({len(image)} bytes): {e}") from None
+
+
+def _load_rgb(pil: Image.Image) -> Image.Image:
+  try:
+    pil.load()
+    return pil if pil.mode == "RGB" else pil.convert("RGB")
+  except Exception as e:  # Truncated data fails here, after a header that parsed.
+    raise UndecodableImageError(f"cannot decode {pil.format or ''} image {pil.size}: {e}") from None
+
+
 def decode(image: bytes | np.ndarray | Image.Image) -> Image.Image:
   """Encoded bytes, a uint8 array or a PIL image → an RGB PIL image."""
-  if isinstance(image, Image.Image):
-    pil = image
-  elif isinstance(image, np.ndarray):
-    pil = Image.fromarray(image)
-  else:
-    pil = Image.open(io.BytesIO(image))
-  return pil if pil.mode == "RGB" else pil.convert("RGB")
+  return _load_rgb(_open(image))
+
+
+def draft_scale(crop_h: float, crop_w: float, out_h: int, out_w: int) -> int:
+  """The largest JPEG DCT-domain reduction (1, 2, 4, 8) that keeps the crop >= the output size."""
+  factor = min(crop_h / out_h, crop_w / out_w)
+  return next((s for s in (8, 4, 2) if s <= factor), 1)
 
 
 def sample_crop_box(
@@ -82,13 +109,30 @@ def random_resized_crop(
     scale: tuple[float, float] = DEFAULT_SCALE,
     ratio: tuple[float, float] = DEFAULT_RATIO,
     flip: bool = False,
+    draft: bool = True,
 ) -> tuple[np.ndarray, CropBox]:
-  """Training view: random crop resized to `size` (+ optional horizontal flip) → (uint8 [H,W,3], box)."""
-  pil = decode(image)
+  """Training view: random crop resized to `size` (+ optional flip) → (uint8 [H,W,3], box).
+
+  The box is sampled on the stored size (read from the header); a JPEG is then decoded in draft
+  mode, i.e. downscaled in the DCT domain by the largest power of two that keeps the crop at least
+  as large as the output, and the one antialiased resize works on that smaller image
+  (`draft=False`: always decode in full, the previous path, kept for benchmarks).
+  """
+  pil = _open(image)
   out_h, out_w = (size, size) if isinstance(size, int) else size
   width, height = pil.size
   top, left, bottom, right = sample_crop_box(height, width, rng, scale, ratio)
-  out = pil.resize((out_w, out_h), Image.BILINEAR, box=(left, top, right, bottom))
+  reduction = 1.0
+  if draft and pil.format == "JPEG" and not isinstance(image, Image.Image):
+    s = draft_scale(bottom - top, right - left, out_h, out_w)
+    if s > 1:
+      # draft() picks the largest reduction with size >= the requested one: ask for W//s × H//s.
+      drafted = pil.draft("RGB", (width // s, height // s))
+      if drafted is not None:  # None: a JPEG layout draft cannot reduce (then decode in full).
+        reduction = width / drafted[1][2]
+  pil = _load_rgb(pil)
+  box = tuple(v / reduction for v in (left, top, right, bottom))
+  out = pil.resize((out_w, out_h), Image.BILINEAR, box=box)
   flipped = bool(flip and rng.random() < 0.5)
   if flipped:
     out = out.transpose(Image.FLIP_LEFT_RIGHT)
