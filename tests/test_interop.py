@@ -221,6 +221,26 @@ def test_safetensors_and_torch_files_give_the_same_parameters(oc, tiny, tmp_path
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, reference)
 
 
+def test_torchscript_archives_are_read_like_openais(oc, tmp_path):
+  import torch
+
+  class Tiny(torch.nn.Module):  # OpenAI's files are TorchScript archives of fp16 modules
+    def __init__(self):
+      super().__init__()
+      self.proj = torch.nn.Parameter(torch.arange(6, dtype=torch.float16).reshape(2, 3))
+      self.register_buffer("input_resolution", torch.tensor(224))
+
+    def forward(self, x):
+      return x @ self.proj
+
+  torch.jit.script(Tiny()).save(str(tmp_path / "ViT-B-16.pt"))
+  with pytest.warns(Warning):  # torch deprecates torch.jit.load; it still is how these load
+    state_dict = oc_lib.read_state_dict(tmp_path / "ViT-B-16.pt")
+  assert sorted(state_dict) == ["input_resolution", "proj"]
+  assert state_dict["proj"].dtype == np.float32
+  np.testing.assert_array_equal(state_dict["proj"], np.arange(6).reshape(2, 3))
+
+
 def test_fp16_checkpoints_are_read_as_float32(tiny, tmp_path):
   from safetensors.numpy import save_file
   save_file({k: v.astype(np.float16) for k, v in tiny["state_dict"].items()},
@@ -229,6 +249,14 @@ def test_fp16_checkpoints_are_read_as_float32(tiny, tmp_path):
   key = "visual.proj"
   assert state_dict[key].dtype == np.float32
   np.testing.assert_array_equal(state_dict[key], tiny["state_dict"][key].astype(np.float16))
+
+
+def test_torch_files_without_torch_fail_clearly(tmp_path, monkeypatch):
+  (tmp_path / "model.pt").write_bytes(b"")
+  monkeypatch.setitem(sys.modules, "torch", None)  # as where the 'interop' extra is absent
+  with pytest.raises(ImportError, match=r"needs PyTorch, which is not installed; install the "
+                     r"'interop' extra .* or convert the file to .safetensors"):
+    oc_lib.read_state_dict(tmp_path / "model.pt")
 
 
 def test_unknown_checkpoint_suffix_fails(tmp_path):
@@ -354,8 +382,9 @@ def test_params_checkpoint_restores_into_the_trainers_state(own_state_dict, tmp_
   params = oc_lib.state_dict_to_params(state_dict, config)
   params_checkpoint.save(tmp_path / "imported", params, config, source="test")
   # What the trainer does for init_from.path (optimizer_state=False): restore 'params' onto its.
-  # sharded abstract state (built as train_step.create_train_state does, without running init).
-  mesh = sharding_lib.create_mesh({"data": -1})
+  # sharded abstract state (built as train_step.create_train_state does, without running init),
+  # FSDP-sharded so that placement has shards to get right.
+  mesh = sharding_lib.create_mesh({"data": 2, "fsdp": 4})
   model = clip_lib.build_model(config)
   tx, _ = train_step_lib.make_optimizer(common.base_config().optim, 10)
 
@@ -372,6 +401,11 @@ def test_params_checkpoint_restores_into_the_trainers_state(own_state_dict, tmp_
   leaf = restored["params"]["image"]["proj"]
   assert leaf.sharding == shardings.params["image"]["proj"]
   assert checkpointing.load_config(tmp_path / "imported")["model"] == config.to_dict()
+  # What init_from.open_clip does instead: host params placed straight into the same layout.
+  placed = oc_lib.place_params(params, shardings.params)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), placed, params)
+  assert placed["image"]["proj"].sharding == shardings.params["image"]["proj"]
+  assert not placed["image"]["proj"].sharding.is_fully_replicated
 
 
 def test_import_and_export_tools_round_trip_files_bit_identically(tiny, tmp_path):

@@ -384,6 +384,14 @@ def load_params(path: str | os.PathLike[str], model_config: ml_collections.Confi
   return state_dict_to_params(read_state_dict(path), model_config, resize=resize)
 
 
+def place_params(params: Params, shardings: Any) -> Params:
+  """Host (numpy) params → global jax arrays laid out as `shardings` (a matching pytree of
+  Shardings); every process holds the full values, as after `load_params`, and keeps its shards."""
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+      params, shardings)
+
+
 # ------------------------------------------------------------------------------- export
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "open_clip_config.json"  # what open_clip's 'local-dir:' and 'hf-hub:' schemas read
