@@ -192,16 +192,17 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], *, quick_gelu: bool
   sizes = [name for name, (w, d, m, _) in vit.VIT_SIZES.items() if (w, d, m) == (width, depth, mlp)]
   if not sizes:
     allowed = {name: spec[:3] for name, spec in vit.VIT_SIZES.items()}
-    raise ValueError(f"image tower width={width}, depth={depth}, mlp_dim={mlp} matches no ViT size; "
-                     f"allowed (width, depth, mlp_dim): {allowed}.")
+    raise ValueError(f"image tower width={width}, depth={depth}, mlp_dim={mlp} matches no ViT "
+                     f"size; allowed (width, depth, mlp_dim): {allowed}.")
   if image_size is None:
-    rows, cols = posemb.square_grid(_require(state_dict, "visual.positional_embedding").shape[0] - 1)
-    image_size = rows * patch
+    num_patches = _require(state_dict, "visual.positional_embedding").shape[0] - 1
+    image_size = posemb.square_grid(num_patches)[0] * patch
   embed_dim = _require(state_dict, "visual.proj").shape[1]
   vocab_size, text_width = _require(state_dict, "token_embedding.weight").shape
   text_depth = _count_blocks(state_dict, "transformer.resblocks.")
   if text_heads is None:
-    presets = [h for _, w, h, d in clip_lib.CLIP_PRESETS.values() if (w, d) == (text_width, text_depth)]
+    presets = [h for _, w, h, d in clip_lib.CLIP_PRESETS.values()
+               if (w, d) == (text_width, text_depth)]
     text_heads = presets[0] if presets else max(text_width // 64, 1)
   config = clip_lib.model_config(f"{sizes[0]}/{patch}", image_size)
   config.embed_dim = int(embed_dim)
