@@ -332,6 +332,13 @@ def test_shape_mismatch_names_the_parameter_and_both_shapes(own_state_dict):
     oc_lib.state_dict_to_params(state_dict, tiny_config(48), resize=False)
 
 
+def test_one_element_logit_scale_is_accepted(own_state_dict):
+  config, state_dict = own_state_dict
+  params = oc_lib.state_dict_to_params(
+      dict(state_dict, logit_scale=state_dict["logit_scale"].reshape(1)), config)
+  assert params["logit_scale"].shape == () and params["logit_scale"] == state_dict["logit_scale"]
+
+
 # ---------------------------------------------------------------------------- resizing
 def test_import_resizes_position_embeddings(own_state_dict):
   config, state_dict = own_state_dict

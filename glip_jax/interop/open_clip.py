@@ -339,6 +339,8 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray],
       continue
     used.add(key)
     value = np.asarray(state_dict[key])
+    if target.shape == () and value.shape == (1,):  # older open_clip saved logit_scale as [1]
+      value = value.reshape(())
     expected = jax.eval_shape(rule.to_torch, jax.ShapeDtypeStruct(target.shape, target.dtype)).shape
     if value.shape != tuple(expected):
       mismatched.append(f"{key} (our {'/'.join(path)}): checkpoint {value.shape}, model config "
