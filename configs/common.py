@@ -64,6 +64,7 @@ def base_config(variant: str = "B/16", image_size: int = 224) -> ml_collections.
   c.init_from = ml_collections.ConfigDict(dict(
       path="",  # a workdir, its checkpoints/ directory, or one step directory
       optimizer_state=False,  # also take the optimizer state
+      open_clip="",  # or an open_clip/OpenAI checkpoint file (.safetensors/.pt); docs/interop.md
   ))
   return c
 
