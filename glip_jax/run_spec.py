@@ -110,6 +110,9 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> RunSpec:
   if steps < 1:
     raise ValueError(f"total_steps={config.total_steps!r} is invalid; allowed: an integer >= 1.")
   method_spec = method.validate(config, steps)
+  if config.init_from.path and config.init_from.open_clip:
+    raise ValueError(f"init_from.path={config.init_from.path!r} and init_from.open_clip="
+                     f"{config.init_from.open_clip!r}: give at most one.")
   evals = eval_builder.validate_evals(config)
   for name, entry in evals.items():
     sharding_lib.check_batch_size(entry.batch_size, mesh, field=f"evals.{name}.batch_size")

@@ -26,10 +26,12 @@ from glip_jax import flops
 from glip_jax import logging as logging_lib
 from glip_jax import progress as progress_lib
 from glip_jax import run_spec as run_spec_lib
+from glip_jax import sharding as sharding_lib
 from glip_jax import train_step as train_step_lib
 from glip_jax.data import pipeline
 from glip_jax.data import prefetch
 from glip_jax.evaluation import builder as eval_builder
+from glip_jax.interop import open_clip as open_clip_interop
 from glip_jax.models import clip as clip_lib
 
 
@@ -93,11 +95,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   elif config.init_from.path:
     # Unmasked tuning and fine-tuning start from another run's parameters, with a fresh step count.
     logging.info("Initialising parameters from %s.", config.init_from.path)
-    subtrees = {"params": abstract_state.params}
+    # Only the CLIP model's own parameters: a method's extras (A-CLIP's SSL heads) keep their init,
+    # so a CLIP run can seed an A-CLIP run and vice versa.
+    model_keys = set(sharding_lib.abstract_params(model, config.model, mesh))
+    subtrees = {"params": {k: v for k, v in abstract_state.params.items() if k in model_keys}}
     if config.init_from.optimizer_state:
       subtrees["opt_state"] = abstract_state.opt_state
     restored = checkpointing.restore_subtrees(config.init_from.path, subtrees)
-    state = state.replace(**restored)
+    state = method.on_params_replaced(state.replace(
+        params={**state.params, **restored["params"]},
+        opt_state=restored.get("opt_state", state.opt_state)))
+  elif config.init_from.open_clip:
+    # open_clip / OpenAI weights (docs/interop.md): converted and checked against config.model on
+    # the host, then placed in the sharded layout; other parameters (e.g. SSL heads) keep their init.
+    logging.info("Initialising parameters from open_clip checkpoint %s.", config.init_from.open_clip)
+    imported = open_clip_interop.load_params(config.init_from.open_clip, config.model)
+    placed = open_clip_interop.place_params(
+        imported, {key: state_shardings.params[key] for key in imported})
+    state = method.on_params_replaced(state.replace(params={**state.params, **placed}))
   start_step = start_step or 0
 
   # ---------------------------------------------------------------- logging (process 0 writes)

@@ -54,4 +54,7 @@ METHOD = Method(
     flops_per_example=lambda model_config, spec, masking_spec: (
         flops.aclip_train_flops_per_example(model_config, spec, masking_spec)),
     example_batch=example_batch,
+    # The teacher is the EMA of the student: after an import it starts from the imported weights.
+    on_params_replaced=lambda state: state.replace(
+        ema_params=step_lib.teacher_source(state.params)),
 )

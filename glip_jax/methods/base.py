@@ -15,6 +15,9 @@ method runs. A method is a frozen value of functions, so a new method is one mod
   create_train_state(model, tx, model_config, mesh, seed, spec) -> (state, state shardings)
   compile_train_step(model, tx, schedule, step_spec, mesh, state_shardings, spec) -> step
   flops_per_example(model_config, spec, masking_spec) -> analytic training FLOPs per example
+  on_params_replaced(state)         the state after its parameters were set from elsewhere
+                                       (imported weights): e.g. A-CLIP's teacher starts equal
+                                       to the imported student
 """
 
 from __future__ import annotations
@@ -44,3 +47,4 @@ class Method:
   compile_train_step: Callable[..., Any]
   flops_per_example: Callable[..., float]
   example_batch: Callable[..., dict[str, np.ndarray]] = plain_batch
+  on_params_replaced: Callable[[Any], Any] = lambda state: state
