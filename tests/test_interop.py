@@ -529,3 +529,31 @@ def test_b16_import_and_export_equal_open_clip(oc):
   fresh = torch_reference.create(oc, oc.get_model_config("ViT-B-16"), seed=8, perturb=False)
   fresh.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
   assert_equal_outputs(ours, torch_reference.forward(fresh, images, tokens))
+
+
+def test_trainer_starts_from_an_open_clip_file(own_state_dict, tmp_path):
+  """--config.init_from.open_clip=FILE: step 1 runs at lr 0 (warmup), so the checkpoint after it
+  holds exactly the imported parameters — the trainer placed them, not its own initialisation."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from glip_jax import train  # pylint: disable=g-import-not-at-top
+  from runs import tiny_config as tiny_run  # pylint: disable=g-import-not-at-top
+  model_config, state_dict = own_state_dict
+  path = str(tmp_path / "weights.safetensors")
+  save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
+  config = tiny_run()
+  config.model.update(model_config.to_dict())
+  config.init_from.open_clip = path
+  config.total_steps = 1
+  config.checkpoint_every_steps = 0
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  expected = oc_lib.load_params(path, config.model)
+  model = clip_lib.build_model(config.model)
+  mesh = sharding_lib.create_mesh({"data": 1}, devices=jax.devices()[:1])
+  got = checkpointing.restore_params_from(
+      workdir, sharding_lib.abstract_params(model, config.model, mesh))
+  for (path_a, a), b in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=str(path_a))
+  config.init_from.path = workdir
+  with pytest.raises(ValueError, match="give at most one"):
+    train.train_and_evaluate(config, str(tmp_path / "both"))
