@@ -370,14 +370,16 @@ def make_encoders(model: clip_lib.CLIP, mesh: jax.sharding.Mesh) -> Encoders:
 
 def make_masking(spec: masking_lib.MaskingSpec | None, grid: tuple[int, int],
                  mesh: jax.sharding.Mesh) -> base.Masking | None:
-  """select_keep(rng, batch_size) -> keep indices [B,K] batch-sharded; None when unmasked."""
+  """select_keep(rng, images) -> keep indices [B,K] batch-sharded; None when unmasked."""
   if spec is None:
     return None
   batch = sharding_lib.batch_sharding(mesh)
 
-  @functools.partial(jax.jit, static_argnums=1)
-  def select_keep(rng, batch_size):
-    return masking_lib.keep_indices(rng, spec, batch_size, grid, sharding=batch)
+  @jax.jit
+  def select_keep(rng, images):
+    images = jax.lax.with_sharding_constraint(images, batch)
+    return masking_lib.keep_indices(rng, spec, images.shape[0], grid, sharding=batch,
+                                    images=images)
 
   return select_keep
 
