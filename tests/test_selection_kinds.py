@@ -315,3 +315,17 @@ def test_masked_inference_regime_reads_the_images():
   ref = masking.keep_indices(rng, masking.MaskingSpec("pgs", 0.5, embed_mix=0.0), 16, grid,
                              images=jnp.asarray(images))
   np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("recipe,arg,kind,ratio,batch,lr", [
+    ("cluster_vit_b16", "", "cluster", 0.5, 2048, 5e-4),
+    ("cluster_vit_b16", "as_coded=1", "cluster", 0.3, 2048, 5e-4),
+    ("pgs_vit_b16", "ratio=0.5", "pgs", 0.5, 4096, 1e-3),
+])
+def test_recipes_carry_the_papers_hyper_parameters(recipe, arg, kind, ratio, batch, lr):
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{recipe}").get_config(f"data=/d/*.arrayrecord,{arg}")
+  spec = masking.from_config(config.masking)
+  assert (spec.kind, spec.ratio, config.batch_size, config.optim.lr) == (kind, ratio, batch, lr)
+  assert config.total_epochs == 32 and config.optim.weight_decay == 0.2
+  assert spec.num_anchors(196) == (6 if kind == "cluster" else 10)
