@@ -7,7 +7,10 @@ are interleaved round by round so that load on a shared machine hits all three a
 
   python tools/benchmark_selection.py                                   # configs/demo.py
   python tools/benchmark_selection.py --config=configs/clip_vit_b16.py --batch_size=8 --rounds=3
+  python tools/benchmark_selection.py --config=configs/clip_vit_b16.py --flops   # no timing
 
+`--flops` compiles only the selection and compares XLA's FLOP count of it with the analytic
+FLOPs of one train step (glip_jax.flops), per example: a machine-independent ratio.
 Prints a markdown table (docs/masking.md records the figures).
 """
 
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from glip_jax import flops
 from glip_jax import masking
 from glip_jax import sharding as sharding_lib
 from glip_jax import train_step as train_step_lib
@@ -52,6 +56,40 @@ def timed(fn, repeat: int = 1) -> float:
   return (time.perf_counter() - start) / repeat
 
 
+def flop_table(config: ml_collections.ConfigDict, args: argparse.Namespace) -> None:
+  """Selection FLOPs (XLA's count) / train-step FLOPs (analytic), per example, per kind."""
+  batch = args.batch_size or 8
+  model = clip_lib.build_model(config.model)
+  grid = clip_lib.grid(config.model)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                             *clip_lib.dummy_inputs(config.model))["params"])
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                        nn_unbox(params))
+  h, w = clip_lib.image_size_hw(config.model.image_size)
+  images = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.uint8)
+  print("| kind | ratio | selection GFLOP / example | train step GFLOP / example | ratio |")
+  print("|---|---|---|---|---|")
+  for kind in args.kinds.split(","):
+    spec = masking_spec(kind, args.ratio)
+
+    def select(p, x, spec=spec):
+      return masking.keep_indices(jax.random.key(0), spec, batch, grid, images=x, progress=0.5,
+                                  image_params=p["image"])
+
+    cost = jax.jit(select).lower(params, images).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    sel = cost["flops"] / batch
+    step = flops.train_flops_per_example(config.model, spec.ratio)
+    print(f"| {kind} | {spec.ratio:g} | {sel / 1e9:.4f} | {step / 1e9:.1f} | "
+          f"{100 * sel / step:.3f}% |", flush=True)
+
+
+def nn_unbox(tree):
+  """Parameters without flax's logical-partitioning boxes."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  return nn.unbox(tree)
+
+
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/demo.py")
@@ -59,7 +97,11 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--ratio", type=float, default=0.5)
   parser.add_argument("--kinds", default=",".join(KINDS))
   parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--flops", action="store_true", help="FLOP ratio only, no timing")
   args = parser.parse_args(argv)
+  if args.flops:
+    flop_table(load_config(args.config), args)
+    return
 
   config = load_config(args.config)
   batch_size = args.batch_size or config.batch_size
