@@ -308,7 +308,8 @@ def test_masked_inference_regime_reads_the_images():
   from glip_jax.evaluation import base, builder  # pylint: disable=g-import-not-at-top
   mesh = sharding_lib.create_mesh({"data": 8})
   grid = (8, 8)
-  select = builder.make_masking(masking.MaskingSpec("pgs", 0.5, embed_mix=0.0), grid, mesh)
+  # The training spec (embedding mix on); masked inference runs it without parameters.
+  select = builder.make_masking(masking.MaskingSpec("pgs", 0.5), grid, mesh)
   images = np.asarray(random_images(16, grid))
   out = base.keep_indices_for_batch(select, 2, images)
   rng = jax.random.fold_in(jax.random.key(base.MASKING_SEED), 2)

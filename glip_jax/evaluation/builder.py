@@ -374,6 +374,8 @@ def make_masking(spec: masking_lib.MaskingSpec | None, grid: tuple[int, int],
   if spec is None:
     return None
   batch = sharding_lib.batch_sharding(mesh)
+  # Evaluators hold no parameters: the embedding-similarity mix (cluster / pgs) is off here.
+  spec = dataclasses.replace(spec, embed_mix=0.0)
 
   @jax.jit
   def select_keep(rng, images):
