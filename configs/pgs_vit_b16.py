@@ -1,6 +1,6 @@
 """CLIP-PGS ViT-B/16 (Pei et al., CVPR 2025) on CC12M, the authors' clip-train.sh recipe.
 
-  python -m glip_jax.main --config=configs/pgs_vit_b16.py:data=/data/cc12m/*.arrayrecord,ratio=0.3 \\
+  python -m glip_jax.main --config=configs/pgs_vit_b16.py:data=/data/cc12m/*.arrayrecord \\
       --workdir=/ckpt/pgs_b16_r30
 
 `:arg` keys: data (ArrayRecord glob; required), ratio (0.3: "PGS_0.3", or 0.5: "PGS_0.5" — the

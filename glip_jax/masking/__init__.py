@@ -10,7 +10,7 @@ everything runs on device inside the compiled step, from a key derived from (see
   gaussian   U(0,1) + strength · 2-D Gaussian density of the patch centre  (GLIP)
   attentive  teacher attention scores given by the caller, no noise        (A-CLIP)
   cluster    −max cosine to A random anchors of standardised pixels         (Wei et al. 2024)
-  pgs        edge-protected, OT-normalised cluster similarity               (CLIP-PGS, Pei et al. 2025)
+  pgs        edge-protected, OT-normalised cluster similarity               (CLIP-PGS, 2025)
   grid       one patch per window×window cell, random offset per image     (CLIPA)
   block      one random rectangle of K patches                             (CLIPA)
 

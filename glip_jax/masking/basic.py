@@ -8,7 +8,8 @@ from glip_jax.masking.core import SelectionInputs, constrain
 from glip_jax.masking.spec import MaskingSpec
 
 
-def gaussian_prior(grid: tuple[int, int], sigma: float, sigma_is_variance: bool = True) -> np.ndarray:
+def gaussian_prior(grid: tuple[int, int], sigma: float,
+                   sigma_is_variance: bool = True) -> np.ndarray:
   """Unnormalised 2-D normal density at the patch centres, flattened row-major to [rows*cols].
 
   Centres lie on linspace(-1, 1, G) along each axis (corners at ±1), also for non-square grids.

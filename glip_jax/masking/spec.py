@@ -8,7 +8,8 @@ import ml_collections
 KINDS = ("none", "random", "gaussian", "attentive", "cluster", "pgs", "grid", "block")
 
 # Per-kind fields left at None take the published recipe's value: cluster masking's README
-# (anchors 3%, no embedding mix) and CLIP-PGS's clip-train.sh (anchors 5%, embedding mix ramped to 1).
+# (anchors 3%, no embedding mix) and CLIP-PGS's clip-train.sh (anchors 5%, embedding mix ramped
+# to 1).
 KIND_DEFAULTS = {
     "cluster": dict(anchor_ratio=0.03, embed_mix=0.0),
     "pgs": dict(anchor_ratio=0.05, embed_mix=1.0),
