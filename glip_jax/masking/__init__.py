@@ -29,8 +29,9 @@ from glip_jax.masking.core import SelectionInputs, select_top_k
 from glip_jax.masking.similarity import calibrate_threshold
 from glip_jax.masking.spec import KINDS, MaskingSpec, from_config, num_kept
 
-__all__ = ["KINDS", "MaskingSpec", "SCORES", "SelectionInputs", "calibrate_threshold",
-           "from_config", "gaussian_prior", "keep_indices", "num_kept", "score", "select_top_k"]
+__all__ = ["KINDS", "PIXEL_KINDS", "MaskingSpec", "SCORES", "SelectionInputs",
+           "calibrate_threshold", "from_config", "gaussian_prior", "keep_indices", "num_kept",
+           "score", "select_top_k"]
 
 ScoreFn = Callable[..., jax.Array]
 # score(rng, spec, grid, inputs, sharding) -> float32 [B, N], higher = keep.
