@@ -9,7 +9,8 @@ evaluated: it is read off the pixels and solved by the first evaluation, so it t
 
 The argument picks the masking: `configs/demo.py:gaussian` (default, GLIP), `:random` (FLIP),
 `:none` (plain CLIP), `:aclip` (A-CLIP: attentive masking from an EMA teacher, two views, SimCLR and
-BYOL losses; heads shrunk to demo size).
+BYOL losses; heads shrunk to demo size), `:cluster` (cluster masking), `:pgs` (CLIP-PGS), `:grid`
+and `:block` (CLIPA); see docs/masking.md.
 """
 
 import ml_collections
@@ -17,7 +18,7 @@ import ml_collections
 from configs import common
 from glip_jax import aclip
 
-KINDS = ("gaussian", "random", "none", "aclip")
+KINDS = ("gaussian", "random", "none", "aclip", "cluster", "pgs", "grid", "block")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -35,6 +36,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.total_steps = 800
   c.masking.kind = kind
   c.masking.ratio = 0.0 if kind == "none" else 0.5
+  if kind == "grid":
+    c.masking.update(ratio=0.75, window=2)  # one patch per 2×2 cell, as CLIPA
+  elif kind == "cluster":
+    # 2 anchors on the 8×8 grid (int(64·0.97) = 62 kept as non-anchors), pixel similarity only.
+    c.masking.update(anchor_ratio=0.03, threshold=None, embed_mix=0.0)
+  elif kind == "pgs":
+    # PGS_0.5: 4 anchors away from edges, embedding cosine ramped in over the run.
+    c.masking.update(anchor_ratio=0.05, embed_mix=1.0, edge_weight=1.0, otn=True)
   c.optim.update(lr=2e-3, warmup_steps=50, weight_decay=0.05)
   if kind == "aclip":
     c.method = "aclip"
@@ -62,7 +71,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       retrieval=dict(kind="retrieval", dataset=test_split("shape"), every_steps=200,
                      batch_size=256),
   ))
-  if kind in ("gaussian", "random"):
+  if kind in ("gaussian", "random", "cluster", "pgs", "grid", "block"):
     # The same task with the training masking: the "masked inference" column of the FLIP/GLIP
     # tables (evaluation is unmasked by default).
     c.evals.shape_masked = dict(kind="zeroshot", dataset=test_split("shape"),

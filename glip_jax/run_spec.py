@@ -121,7 +121,7 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> RunSpec:
       duration_source=duration_source(config), method=method, method_spec=method_spec,
       masking=masking_spec,
       step=train_step_lib.StepSpec(masking=masking_spec, grid=clip_lib.grid(config.model),
-                                   loss=config.loss.kind, seed=config.seed),
+                                   loss=config.loss.kind, seed=config.seed, total_steps=steps),
       image_size=(height, width), train_sources=train_sources, evals=evals,
       tokenizer=eval_builder.make_tokenizer(config))
 

@@ -102,6 +102,7 @@ class StepSpec:
   grid: tuple[int, int]
   loss: str = "softmax"
   seed: int = 0
+  total_steps: int = 0  # for the selection's progress ramp (cluster / pgs); 0 = progress 0
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -110,8 +111,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   """One optimisation step on a global batch {'image': uint8 [B,H,W,3], 'text': int32 [B,L]}."""
   images, tokens = batch["image"], batch["text"]
   rng = step_rng(spec.seed, state.step)
+  progress = state.step / spec.total_steps if spec.total_steps else 0.0
   keep = masking.keep_indices(jax.random.fold_in(rng, 0), spec.masking, images.shape[0], spec.grid,
-                              sharding=batch_sharding)
+                              sharding=batch_sharding, images=images, progress=progress,
+                              image_params=state.params["image"])
 
   def loss_fn(params):
     outputs = model.apply({"params": params}, images, tokens, keep_indices=keep)

@@ -154,9 +154,9 @@ def test_evaluator_reads_params_and_masking():
   assert evaluator.run({"shift": 1})["zeroshot_top1"] == 0.0
   calls = []
 
-  def masking(rng, batch_size):
-    calls.append(batch_size)
-    return jnp.ones((batch_size, 2), jnp.int32)  # Keep-indices the toy encoder turns into a shift.
+  def masking(rng, images):
+    calls.append(images.shape[0])
+    return jnp.ones((images.shape[0], 2), jnp.int32)  # Keep-indices the toy encoder turns into a shift.
 
   evaluator.masking = masking
   assert evaluator.run({"shift": 0})["zeroshot_top1"] == 0.0

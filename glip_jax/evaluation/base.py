@@ -24,8 +24,8 @@ Batch = Mapping[str, np.ndarray]
 ImageEncoder = Callable[..., jax.Array]
 TextEncoder = Callable[[Params, jax.Array], jax.Array]
 Tokenizer = Callable[[list[str]], np.ndarray]
-# Masked-inference regime: select_keep(rng, batch_size) -> keep_indices int32 [B, K].
-Masking = Callable[[jax.Array, int], jax.Array]
+# Masked-inference regime: select_keep(rng, images uint8 [B,H,W,3]) -> keep_indices int32 [B, K].
+Masking = Callable[[jax.Array, jax.Array], jax.Array]
 BatchesFn = Callable[[], Iterable[Batch]]
 
 # Masked inference must not depend on when or how often the evaluator runs, so its keys derive
@@ -74,12 +74,12 @@ def make_text_embedder(encode_text: TextEncoder) -> Callable[..., jax.Array]:
 
 
 def keep_indices_for_batch(masking: Masking | None, batch_index: int,
-                           batch_size: int) -> jax.Array | None:
+                           images: np.ndarray) -> jax.Array | None:
   """Deterministic keep indices for batch `batch_index`, or None for unmasked inference."""
   if masking is None:
     return None
   rng = jax.random.fold_in(jax.random.key(MASKING_SEED), batch_index)
-  return masking(rng, batch_size)
+  return masking(rng, images)
 
 
 def iter_image_embeddings(embed: Callable[..., jax.Array], params: Params,
@@ -88,7 +88,7 @@ def iter_image_embeddings(embed: Callable[..., jax.Array], params: Params,
   """Yields (normalised embeddings [b,E] incl. padding rows, batch) for each batch."""
   for index, batch in enumerate(batches):
     images = batch["image"]
-    keep = keep_indices_for_batch(masking, index, images.shape[0])
+    keep = keep_indices_for_batch(masking, index, images)
     yield embed(params, images, keep), batch
 
 

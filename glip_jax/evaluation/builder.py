@@ -152,8 +152,9 @@ def masking_spec(config: ml_collections.ConfigDict, mode: Any,
     raise ValueError(f"config.{field}={errors.show(mode)}: {e}") from None
   if spec.kind == "attentive":
     # Attentive selection needs the A-CLIP teacher's scores, which an evaluator does not have.
-    errors.fail(field, mode, "a masking whose kind is 'none', 'random' or 'gaussian' (attentive needs "
-          "the A-CLIP teacher); give a dict such as {kind: 'random', ratio: 0.5}")
+    errors.fail(field, mode, f"a masking whose kind is one of "
+                f"{[k for k in masking_lib.KINDS if k != 'attentive']} (attentive needs the "
+                f"A-CLIP teacher); give a dict such as {{kind: 'random', ratio: 0.5}}")
   return spec if spec.active else None
 
 
@@ -242,14 +243,18 @@ def make_encoders(model: clip_lib.CLIP, mesh: jax.sharding.Mesh) -> Encoders:
 
 def make_masking(spec: masking_lib.MaskingSpec | None, grid: tuple[int, int],
                  mesh: jax.sharding.Mesh) -> base.Masking | None:
-  """select_keep(rng, batch_size) -> keep indices [B,K] batch-sharded; None when unmasked."""
+  """select_keep(rng, images) -> keep indices [B,K] batch-sharded; None when unmasked."""
   if spec is None:
     return None
   batch = sharding_lib.batch_sharding(mesh)
+  # Evaluators hold no parameters: the embedding-similarity mix (cluster / pgs) is off here.
+  spec = dataclasses.replace(spec, embed_mix=0.0)
 
-  @functools.partial(jax.jit, static_argnums=1)
-  def select_keep(rng, batch_size):
-    return masking_lib.keep_indices(rng, spec, batch_size, grid, sharding=batch)
+  @jax.jit
+  def select_keep(rng, images):
+    images = jax.lax.with_sharding_constraint(images, batch)
+    return masking_lib.keep_indices(rng, spec, images.shape[0], grid, sharding=batch,
+                                    images=images)
 
   return select_keep
 
