@@ -8,12 +8,13 @@ DEMO_FLAGS ?=  # extra flags for the demo run, e.g. DEMO_FLAGS=--config.total_st
 
 .PHONY: demo test test-slow benchmark clean
 
-# The venv is rebuilt whenever pyproject.toml changes (the stamp file records the last install).
+# The venv is rebuilt whenever pyproject.toml or requirements.lock changes (the stamp file records
+# the last install). pyproject.toml has compatible ranges; the lock fixes the exact tested set.
 $(VENV): $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
 	touch $@
 
 demo: $(VENV)
