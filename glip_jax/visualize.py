@@ -133,6 +133,12 @@ def example_images(config: ml_collections.ConfigDict, count: int,
                    f"of the dropped-patch colour {DROPPED_RGB}; asked for count={count}.")
 
 
+def probability_label(p: float) -> str:
+  """A probability in two decimals without the leading zero ('.37'); '1' and '0' when rounded to."""
+  text = f"{p:.2f}"
+  return {"1.00": "1", "0.00": "0"}.get(text, text.lstrip("0"))
+
+
 def title(spec: masking.MaskingSpec, grid: tuple[int, int]) -> str:
   """'gaussian, ratio 0.5: K = 32 of 64 patches kept' (plus the non-default knobs)."""
   n = grid[0] * grid[1]
@@ -173,7 +179,7 @@ def masks_figure(specs: Sequence[masking.MaskingSpec], images: np.ndarray, patch
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="P(kept)")
     if max(grid) <= MAX_ANNOTATED_SIDE:
       for (r, c), p in np.ndenumerate(probability):
-        ax.text(c, r, f"{p:.2f}"[1:] if p < 1 else "1", ha="center", va="center",
+        ax.text(c, r, probability_label(p), ha="center", va="center",
                 fontsize=max(4, 40 // max(grid)), color="black" if p > 0.6 else "white")
     ax.set_title(title(spec, grid), fontsize=8, loc="left")
     ax.set_xticks([])

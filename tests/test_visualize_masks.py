@@ -98,6 +98,11 @@ def test_figure_titles_numbers_and_colour_bar(tmp_path):
     visualize_masks.draw(demo.get_config("aclip"), samples=1, draws=10, scale=1)
 
 
+def test_probability_labels_round_before_trimming():
+  labels = [visualize.probability_label(p) for p in (0.0, 0.004, 0.37, 0.994, 0.996, 1.0)]
+  assert labels == ["0", "0", ".37", ".99", "1", "1"]
+
+
 def test_scores_must_match_the_specs():
   with pytest.raises(ValueError, match="scores has 1 entries for 2 specs"):
     visualize.masks_figure([masking.MaskingSpec("random", 0.5)] * 2,
