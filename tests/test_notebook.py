@@ -46,4 +46,6 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   assert "backend 'cpu'" in text
   assert "zero-shot shape top-1 from the reloaded checkpoint" in text
   images = [o for o in outputs if "image/png" in o.get("data", {})]
-  assert len(images) >= 7  # scenes, masks ×2, loss curve, confusion/retrieval, FLIP vs GLIP
+  # Scenes, masks before training, loss curve, confusion matrix + retrieval, trained attention's
+  # masks, FLIP vs GLIP.
+  assert len(images) == 6
