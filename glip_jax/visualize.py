@@ -42,7 +42,7 @@ def _kernel_takes_images() -> bool:
 def select(rng: jax.Array, spec: masking.MaskingSpec, batch_size: int, grid: tuple[int, int], *,
            images: np.ndarray | None = None,
            scores: np.ndarray | None = None) -> np.ndarray | None:
-  """`masking.keep_indices` as numpy [B, K] (None: nothing dropped), passing images if it takes them."""
+  """`masking.keep_indices` as numpy [B, K] (None: none dropped), given images if it takes them."""
   kwargs: dict[str, Any] = {}
   if scores is not None:
     kwargs["scores"] = jnp.asarray(scores)
@@ -111,7 +111,7 @@ def looks_dropped(image: np.ndarray, tolerance: float = 60.0, max_fraction: floa
 
 def example_images(config: ml_collections.ConfigDict, count: int,
                    max_tries: int = 1000) -> np.ndarray:
-  """`count` centre-cropped training images [count,H,W,3] whose colours differ from dropped patches."""
+  """`count` centre-cropped training images [count,H,W,3] unlike the dropped-patch colour."""
   # Imported here: the data stack is not needed by the array functions above.
   from glip_jax.data import config as data_config_lib  # pylint: disable=g-import-not-at-top
   from glip_jax.data import records  # pylint: disable=g-import-not-at-top
@@ -145,7 +145,8 @@ def title(spec: masking.MaskingSpec, grid: tuple[int, int]) -> str:
   k = masking.num_kept(n, spec.ratio) if spec.active else n
   defaults = masking.MaskingSpec(spec.kind)
   extra = [f"{f.name}={getattr(spec, f.name)}" for f in dataclasses.fields(spec)
-           if f.name not in ("kind", "ratio") and getattr(spec, f.name) != getattr(defaults, f.name)]
+           if f.name not in ("kind", "ratio")
+           and getattr(spec, f.name) != getattr(defaults, f.name)]
   return (f"{spec.kind}, ratio {spec.ratio:g}: K = {k} of {n} patches kept"
           + (f" ({', '.join(extra)})" if extra else ""))
 

@@ -1,4 +1,4 @@
-"""pyproject.toml declares compatible ranges; requirements.lock pins the tested set that CI installs."""
+"""pyproject.toml declares compatible ranges; requirements.lock pins the tested set CI installs."""
 
 import os
 import re

@@ -1,4 +1,4 @@
-"""PNG plots for the tools: speedup vs. mask ratio (benchmark.py), accuracy vs. compute (results_table.py).
+"""PNG plots: speedup vs. mask ratio (benchmark.py), accuracy vs. compute (results_table.py).
 
 Each function draws from plain rows, writes a PNG and returns the series it drew, {label: (x, y)},
 so callers and tests can check what is on the picture. matplotlib is the optional `plot` extra

@@ -67,7 +67,7 @@ def latest_value(workdir: str, key: str) -> float | None:
 
 
 def training_pflop(workdir: str) -> float:
-  """A run's analytic training compute in PFLOP, from the last training line of its metrics.jsonl."""
+  """A run's analytic training compute in PFLOP, from the last training line of metrics.jsonl."""
   path = os.path.join(workdir, "metrics.jsonl")
   keys = ("examples_per_s", "step_time_s", "tflops_per_s_per_device", "examples_per_s_per_device")
   records = [r for r in _records(path) if all(k in r for k in keys)] if os.path.exists(path) else []
