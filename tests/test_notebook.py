@@ -16,8 +16,8 @@ def test_committed_notebook_has_no_outputs():
   code = [c for c in nb["cells"] if c["cell_type"] == "code"]
   assert code, "the notebook has no code cells"
   dirty = [i for i, c in enumerate(code) if c["outputs"] or c["execution_count"] is not None]
-  assert not dirty, (f"code cells {dirty} have outputs or execution counts: strip them (e.g. "
-                     "`jupyter nbconvert --clear-output --inplace notebooks/quickstart.ipynb`)")
+  assert not dirty, (f"code cells {dirty} have outputs or execution counts: clear all outputs "
+                     "before committing (Jupyter/Colab: Edit > Clear all outputs)")
   assert nb["metadata"]["kernelspec"]["name"] == "python3"  # what Colab and Jupyter start
 
 
