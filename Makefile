@@ -6,14 +6,15 @@ WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 DEMO_FLAGS ?=  # extra flags for the demo run, e.g. DEMO_FLAGS=--config.total_steps=100
 
-.PHONY: demo test test-slow benchmark clean
+.PHONY: demo test test-slow benchmark lock clean
 
-# The venv is rebuilt whenever pyproject.toml changes (the stamp file records the last install).
+# The venv is rebuilt whenever pyproject.toml or requirements.lock changes (the stamp file records
+# the last install). pyproject.toml has compatible ranges; the lock fixes the exact tested set.
 $(VENV): $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
 	touch $@
 
 demo: $(VENV)
@@ -27,6 +28,12 @@ test-slow: $(VENV)
 
 benchmark: $(VENV)
 	$(BIN)/python tools/benchmark.py --config=configs/demo.py
+
+# After a tested upgrade in .venv: write its exact set (comment header kept) to requirements.lock.
+lock: $(VENV)
+	{ grep '^#' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable \
+	  | grep -viE '^(pip|setuptools)=='; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
