@@ -70,12 +70,13 @@ def base_config(variant: str = "B/16", image_size: int = 224) -> ml_collections.
 
 
 def parse_arg(arg: str, **defaults: str) -> dict[str, str]:
-  """'data=/x,epochs=30' → {'data': '/x', 'epochs': '30', ...} over `defaults` (big_vision style)."""
+  """'data=/x,epochs=30' → {'data': '/x', 'epochs': '30', ...} over `defaults` (as big_vision)."""
   values = dict(defaults)
   for item in filter(None, arg.split(",")):
     key, sep, value = item.partition("=")
     if not sep or key not in defaults:
-      raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}.")
+      raise ValueError(f"config argument {item!r}: expected key=value with key in "
+                       f"{sorted(defaults)}.")
     values[key] = value
   return values
 
@@ -94,11 +95,12 @@ def imagenet_eval(data_dir: str, batch_size: int = 1024, masking: Any = "none") 
 
 def karpathy_eval(json_path: str, image_dir: str, batch_size: int = 1024) -> dict:
   """Image-text retrieval on a Karpathy test split (COCO 5k, Flickr30k 1k), recall@1/5/10."""
-  return dict(kind="retrieval", batch_size=batch_size, dataset=dict(source="karpathy", karpathy=dict(
-      json_path=json_path, image_dir=image_dir, split="test")))
+  return dict(kind="retrieval", batch_size=batch_size, dataset=dict(
+      source="karpathy", karpathy=dict(json_path=json_path, image_dir=image_dir, split="test")))
 
 
-def apply_recipe_args(c: ml_collections.ConfigDict, args: dict[str, str]) -> ml_collections.ConfigDict:
+def apply_recipe_args(c: ml_collections.ConfigDict,
+                      args: dict[str, str]) -> ml_collections.ConfigDict:
   """The shared recipe arguments: standard evaluations, and `runlocal` for a one-minute smoke run.
 
   imagenet=DIR  zero-shot ImageNet from the TFDS data_dir DIR (imagenet2012 built with

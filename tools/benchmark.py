@@ -44,6 +44,8 @@ _DATA_DEVICES = flags.DEFINE_integer("data_devices", 8, "--mode=data: devices in
 _DATA_RATE = flags.DEFINE_float("data_device_rate", 10_000.0,
                                 "--mode=data: examples/s each device consumes (from --mode=train).")
 _DATA_ALL_CORES = flags.DEFINE_bool("data_all_cores", True, "--mode=data: also time all cores.")
+_PLOT = flags.DEFINE_string("plot", "", "--mode=train: also write the speedup-vs-ratio PNG here "
+                            "(needs the plot extra).")
 _JSON = flags.DEFINE_bool("json", False, "Print a JSON list of rows as the last line.")
 
 
@@ -162,6 +164,12 @@ def main(argv):
     mesh = sharding_lib.create_mesh(config.mesh)
     sharding_lib.check_batch_size(config.batch_size, mesh)
     rows = (benchmark_train if _MODE.value == "train" else benchmark_aclip)(config, mesh)
+    if _PLOT.value and _MODE.value == "train":
+      import plots  # tools/plots.py  # pylint: disable=g-import-not-at-top
+      plots.speedup_vs_ratio(rows, _PLOT.value, title=(
+          f"{config.model.image.variant} @ {config.model.image_size}px, batch {config.batch_size}, "
+          f"{jax.device_count()}× {jax.devices()[0].device_kind}"))
+      print(f"Wrote {_PLOT.value}.")
   else:
     from glip_jax.data import throughput  # pylint: disable=g-import-not-at-top
     rows = throughput.benchmark_data(devices=_DATA_DEVICES.value, device_rate=_DATA_RATE.value,

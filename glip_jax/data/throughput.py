@@ -114,9 +114,9 @@ class _FullDecodePreprocess(pipeline.TrainPreprocess):
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     image, _ = transforms.random_resized_crop(
-        pipeline.image_of(record), rng, self.image_size, self.scale, self.ratio, self.flip, False
+        records.image_of(record), rng, self.image_size, self.scale, self.ratio, self.flip, False
     )
-    caption = pipeline.random_caption(record, rng)
+    caption = records.random_caption(record, rng)
     return {"image": image, "text": self.tokenizer([caption])[0], "label": np.int32(-1)}
 
 
