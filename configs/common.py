@@ -28,6 +28,7 @@ def base_config(variant: str = "B/16", image_size: int = 224) -> ml_collections.
       kind="none", ratio=0.0, sigma=0.2, sigma_is_variance=True, strength=1.0, gumbel=False))
 
   c.loss = ml_collections.ConfigDict(dict(kind="softmax"))  # softmax (CLIP) | sigmoid (SigLIP)
+  c.loss.impl = "dense"  # dense | ring (shard_map ring: O(B_local²) logits memory, same values)
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=5e-4,  # peak learning rate (absolute, for the global batch above)

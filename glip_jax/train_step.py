@@ -102,6 +102,10 @@ class StepSpec:
   grid: tuple[int, int]
   loss: str = "softmax"
   seed: int = 0
+  loss_impl: str = "dense"  # 'dense' | 'ring' (glip_jax.losses)
+
+  def __post_init__(self):
+    losses.check_impl(self.loss_impl)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -113,9 +117,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   keep = masking.keep_indices(jax.random.fold_in(rng, 0), spec.masking, images.shape[0], spec.grid,
                               sharding=batch_sharding)
 
+  mesh = getattr(batch_sharding, "mesh", None)
+
   def loss_fn(params):
     outputs = model.apply({"params": params}, images, tokens, keep_indices=keep)
-    loss, aux = losses.contrastive_loss(spec.loss, outputs)
+    loss, aux = losses.contrastive_loss(spec.loss, outputs, spec.loss_impl, mesh)
     return loss, (aux, outputs["logit_scale"])
 
   (loss, (aux, logit_scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
