@@ -38,6 +38,7 @@ def base_config(variant: str = "B/16", image_size: int = 224) -> ml_collections.
       weight_decay=0.2,  # not applied to biases, norms, position embeddings, cls, temperature
       grad_clip_norm=1.0,  # global-norm clipping; 0 disables
   ))
+  c.optim.accum_steps = 1  # micro-batches per step; >1 caches features so the loss sees all B
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: remaining devices
 

@@ -101,7 +101,7 @@ def _one_step(config, mesh_sizes, accum_steps=1):
   state, shardings = train_step_lib.create_train_state(model, tx, config.model, mesh, 0)
   spec = train_step_lib.StepSpec(masking.MaskingSpec(**config.masking), clip_lib.grid(config.model),
                                  loss=config.loss.kind, loss_impl=config.loss.impl,
-                                 **({"accum_steps": accum_steps} if accum_steps > 1 else {}))
+                                 accum_steps=accum_steps)
   step = train_step_lib.compile_train_step(model, tx, schedule, spec, mesh, shardings)
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8),
@@ -131,3 +131,18 @@ def dense_step():
 def test_ring_loss_step_equals_dense(dense_step, mesh_sizes):
   """With masking on: same loss, accuracies, gradient norm and updated parameters."""
   _assert_same_step(_one_step(_tiny_config(impl="ring"), mesh_sizes), dense_step)
+
+
+@pytest.mark.parametrize("loss", [dict(impl="dense"),
+                                  pytest.param(dict(impl="ring"), marks=pytest.mark.slow)])
+def test_accumulated_step_equals_full_batch(dense_step, loss):
+  """4 micro-batches with cached features: the same masks, metrics and update as one batch."""
+  _assert_same_step(_one_step(_tiny_config(**loss), {"data": 8}, accum_steps=4), dense_step)
+
+
+def test_bad_accum_steps():
+  with pytest.raises(ValueError, match=r"optim.accum_steps=0 is invalid"):
+    train_step_lib.check_accum_steps(0)
+  with pytest.raises(ValueError, match=r"batch_size=48 is not divisible by optim.accum_steps × "
+                                       r"the data-parallel size = 4 × 8"):
+    train_step_lib.check_accum_steps(4, 48, 8)
