@@ -82,3 +82,20 @@ def test_demo_config_compiles_for_a_v5e_2x2_slice():
   assert r["alias_gib"] == pytest.approx(r["output_gib"], rel=0.01)
   assert set(r["collectives"]) <= {"all-gather", "all-reduce", "reduce-scatter"}
   assert 0.7 < r["xla_tflops"] / r["analytic_tflops"] < 1.5
+
+
+def test_compilation_cache_persists_executables(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental.compilation_cache import compilation_cache
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  before = {name: jax.config.values[name] for name in names}
+  try:
+    aot.enable_compilation_cache(str(tmp_path), min_compile_seconds=0.0)
+    jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.25)(jnp.arange(7.0)).block_until_ready()
+    assert any(tmp_path.iterdir()), "no executable was written to the cache directory"
+  finally:
+    for name, value in before.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
