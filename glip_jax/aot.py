@@ -10,6 +10,7 @@ per-chip memory, FLOPs and collectives of a pod-scale run can be read before pay
 
 import dataclasses
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -54,6 +55,9 @@ def enable_compilation_cache(path: str, min_compile_seconds: float = 1.0) -> Non
 def tpu_devices(topology: str) -> list[jax.Device]:
   """The devices of a TPU slice such as 'v5e:2x2' or 'v4:2x2x1', described by libtpu (no TPU)."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  # libtpu takes a machine-wide lock file (/tmp/libtpu_lockfile) so that two processes cannot
+  # drive one TPU; describing a slice drives none, so parallel compiles (tests, reports) may share.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
   except Exception as e:  # libtpu missing or an unknown topology name; say which

@@ -32,6 +32,7 @@ _FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Bisect the largest globa
                               "multiple of data-parallel size × accum_steps) that fits in HBM.")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Override the per-chip memory (GiB).")
 _JSON = flags.DEFINE_string("json", "", "Also append the report as one JSON line to this file.")
+_HLO_OUT = flags.DEFINE_string("hlo_out", "", "Write the compiled (optimized) HLO text here.")
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 8, "Budget of compiles for --find_max_batch.")
 
 GIB = 2 ** 30
@@ -78,6 +79,9 @@ def report(config, topology: str, batch_size: int, hbm_gib: float | None) -> dic
   devices = jax.devices() if topology == "cpu" else aot.tpu_devices(topology)
   result = aot.compile_train_step(config, devices, batch_size)
   analytic = analytic_flops_per_chip(config, batch_size, len(devices))
+  if _HLO_OUT.value:
+    with open(_HLO_OUT.value, "w") as f:
+      f.write(result.hlo_text)
   out = dict(
       topology=topology, chips=len(devices), batch_size=batch_size,
       per_chip_batch=batch_size / len(devices), variant=config.model.image.variant,
