@@ -144,6 +144,26 @@ def collective_stats(hlo_text: str) -> dict[str, CollectiveStats]:
           for op, by_channel in sorted(seen.items())}
 
 
+_UNITS = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}
+
+
+def largest_buffers(memory_report: str, top: int = 15) -> list[tuple[int, str]]:
+  """(bytes, shapes) of the largest buffer allocations in XLA's memory-usage report.
+
+  The report is what `--xla_dump_to` writes as `*memory-usage-report.txt`: one line per
+  allocation with every value (HLO shape) that shares it during the program.
+  """
+  rows = []
+  for line in memory_report.splitlines():
+    parts = [p.strip() for p in line.split(";")]
+    if len(parts) != 5:
+      continue
+    size = re.fullmatch(r"([\d.]+)(B|KiB|MiB|GiB)", parts[1])
+    if size:
+      rows.append((int(float(size.group(1)) * _UNITS[size.group(2)]), parts[4]))
+  return sorted(rows, key=lambda r: -r[0])[:top]
+
+
 def compile_train_step(config: ml_collections.ConfigDict,
                        devices: Sequence[jax.Device] | None = None,
                        batch_size: int | None = None) -> CompiledStep:

@@ -3,7 +3,10 @@
 The embeddings passed in are global `jax.Array`s sharded over the batch; every example sees every
 other example of the global batch as a negative (as FLIP/GLIP/A-CLIP do). Logits are float32
 whatever the compute dtype, because the softmax over tens of thousands of negatives is where bf16
-loses the signal. Two implementations (`loss.impl`) give the same values and gradients:
+loses the signal; their matmuls run at HIGHEST precision, because TPUs otherwise round float32
+matmul operands to bfloat16 (the compiled step all-gathered bf16 embeddings) and the cost, a
+[B_local, B, E] product, is negligible next to the towers. Two implementations (`loss.impl`)
+give the same values and gradients:
 
   dense  `img @ txt.T` on global arrays; XLA all-gathers the text embeddings and each device holds
          its [B_local, B_global] logits and their gradient.
@@ -38,7 +41,11 @@ def check_impl(impl: str) -> None:
 def _logits(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> jax.Array:
   image_emb = image_emb.astype(jnp.float32)
   text_emb = text_emb.astype(jnp.float32)
-  return jnp.exp(logit_scale.astype(jnp.float32)) * image_emb @ text_emb.T
+  return jnp.exp(logit_scale.astype(jnp.float32)) * _matmul(image_emb, text_emb.T)
+
+
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def in_batch_accuracy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -120,7 +127,7 @@ def _ring_shift(tree, n: int, axes: tuple[str, ...]):
 
 
 def _block_logits(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
-  return scale * img @ txt.T + bias
+  return scale * _matmul(img, txt.T) + bias
 
 
 def _sigmoid_signs(logits: jax.Array, own_block: jax.Array) -> jax.Array:
@@ -191,9 +198,9 @@ def _ring_backward(kind: str, img, txt, scale, bias, row_lse, col_lse, g, n: int
       signs = _sigmoid_signs(logits, s == 0)
       grad = -signs * jax.nn.sigmoid(-signs * logits) / total
     grad = g * grad
-    d_img = d_img + scale * grad @ blk
-    d_blk = d_blk + scale * grad.T @ img
-    d_scale = d_scale + jnp.sum(grad * (img @ blk.T))
+    d_img = d_img + scale * _matmul(grad, blk)
+    d_blk = d_blk + scale * _matmul(grad.T, img)
+    d_scale = d_scale + jnp.sum(grad * _matmul(img, blk.T))
     d_bias = d_bias + jnp.sum(grad)
     blk, blk_col_lse, d_blk = _ring_shift((blk, blk_col_lse, d_blk), n, axes)
     return blk, blk_col_lse, d_blk, d_img, d_scale, d_bias

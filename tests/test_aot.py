@@ -99,3 +99,18 @@ def test_compilation_cache_persists_executables(tmp_path):
     for name, value in before.items():
       jax.config.update(name, value)
     compilation_cache.reset_cache()
+
+
+def test_largest_buffers_parses_the_memory_usage_report():
+  report = """Memory Space: default (color=0)
+Total bytes: 375282688 (357.90MiB)
+  cumulative_size;       size;       offset; used_by_n_values; shapes_list
+  ------------------------------------------------------------
+   27.00MiB(  8%);   27.00MiB;    187645952;                1; f32[256,3,65,65]
+   36.14MiB( 11%);    9.14MiB;     33292288;                1; bf16[256,65,3,3,32]
+   54.00MiB( 17%);   17.86MiB;     96698368;                2; f32[256,65,384], f32[256,65]
+   54.00MiB( 17%);      512B;     96698368;                1; f32[128]
+"""
+  assert aot.largest_buffers(report, top=2) == [
+      (27 * 2 ** 20, "f32[256,3,65,65]"), (int(17.86 * 2 ** 20), "f32[256,65,384], f32[256,65]")]
+  assert aot.largest_buffers(report)[-1] == (512, "f32[128]")

@@ -14,10 +14,12 @@ memory of two settings on any machine. Nothing is executed: no parameters are bu
 """
 
 import dataclasses
+import glob
 import json
 import math
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,6 +34,8 @@ _FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Bisect the largest globa
                               "multiple of data-parallel size × accum_steps) that fits in HBM.")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Override the per-chip memory (GiB).")
 _JSON = flags.DEFINE_string("json", "", "Also append the report as one JSON line to this file.")
+_BREAKDOWN = flags.DEFINE_integer("breakdown", 0, "Also print the N largest buffers of the step "
+                                  "(from XLA's memory-usage report; adds a dump to a temp dir).")
 _HLO_OUT = flags.DEFINE_string("hlo_out", "", "Write the compiled (optimized) HLO text here.")
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 8, "Budget of compiles for --find_max_batch.")
 
@@ -149,9 +153,29 @@ def find_max_batch(config, topology: str, hbm_gib: float, quantum: int,
   return lo, tried
 
 
+def print_breakdown(dump_dir: str, top: int) -> None:
+  """The largest buffers of the last compiled train step in `dump_dir`."""
+  from glip_jax import aot  # pylint: disable=import-outside-toplevel
+  reports = sorted(glob.glob(os.path.join(dump_dir, "*jit_train_step*memory-usage-report.txt")),
+                   key=os.path.getmtime)
+  if not reports:
+    print("no memory-usage report was dumped (XLA_FLAGS set after the backend started?)")
+    return
+  with open(reports[-1]) as f:
+    rows = aot.largest_buffers(f.read(), top)
+  print(f"largest buffers ({os.path.basename(reports[-1])}):")
+  for size, shapes in rows:
+    print(f"  {size / 2 ** 20:10.2f} MiB  {shapes[:150]}")
+
+
 def main(argv):
   del argv
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  dump_dir = ""
+  if _BREAKDOWN.value:
+    dump_dir = tempfile.mkdtemp(prefix="fit_report_")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}"
+                               " --xla_dump_hlo_module_re=.*train_step.*").strip()
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_threefry_partitionable", True)
   config = _CONFIG.value
@@ -174,6 +198,8 @@ def main(argv):
   else:
     results = [report(config, topology, config.batch_size, hbm_gib)]
     print_report(results[0])
+    if dump_dir:
+      print_breakdown(dump_dir, _BREAKDOWN.value)
   if _JSON.value:
     with open(_JSON.value, "a") as f:
       for r in results:
