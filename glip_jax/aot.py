@@ -44,7 +44,7 @@ def enable_compilation_cache(path: str, min_compile_seconds: float = 1.0) -> Non
   A restarted or resumed run then loads its train step instead of recompiling it (minutes for
   ViT-L on a pod). Programs that compile faster than `min_compile_seconds` are not stored.
   """
-  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+  from jax.experimental.compilation_cache import compilation_cache
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -54,7 +54,7 @@ def enable_compilation_cache(path: str, min_compile_seconds: float = 1.0) -> Non
 
 def tpu_devices(topology: str) -> list[jax.Device]:
   """The devices of a TPU slice such as 'v5e:2x2' or 'v4:2x2x1', described by libtpu (no TPU)."""
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  from jax.experimental import topologies
   # libtpu takes a machine-wide lock file (/tmp/libtpu_lockfile) so that two processes cannot
   # drive one TPU; describing a slice drives none, so parallel compiles (tests, reports) may share.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

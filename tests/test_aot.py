@@ -24,7 +24,7 @@ ENTRY %main {
   %all-gather.7 = s32[4,1,128]{2,1,0:T(1,128)S(1)} all-gather(%b), channel_id=100, dimensions={0}
   %all-reduce-start.2 = (f32[96]{0}, f32[64,96]{1,0}) all-reduce-start(%x, %y), channel_id=6
   %all-reduce-done.2 = (f32[96]{0}, f32[64,96]{1,0}) all-reduce-done(%all-reduce-start.2)
-  %collective-permute.1 = f32[4,8]{1,0} collective-permute(%z), channel_id=9, source_target_pairs={{0,1}}
+  %collective-permute.1 = f32[4,8]{1,0} collective-permute(%z), channel_id=9, pairs={{0,1}}
 }
 """
 

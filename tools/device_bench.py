@@ -44,7 +44,7 @@ def peak_tflops(device_kind: str) -> float | None:
 
 def case_config(name: str, smoke: bool):
   """The training config of one case (ViT-B/16 bf16 recipes, or the demo for --cpu_smoke)."""
-  from configs import aclip_vit_b16, clip_vit_b16, demo  # pylint: disable=import-outside-toplevel
+  from configs import aclip_vit_b16, clip_vit_b16, demo
   if name == "aclip":
     config = demo.get_config("aclip") if smoke else aclip_vit_b16.get_config()
   else:
@@ -61,7 +61,7 @@ def case_config(name: str, smoke: bool):
 
 def _batch(config, batch_size: int, mesh):
   """One real batch of the config's input pipeline (synthetic scenes), on the devices."""
-  from glip_jax.data import pipeline, tokenizer as tokenizer_lib, views  # pylint: disable=import-outside-toplevel
+  from glip_jax.data import pipeline, tokenizer as tokenizer_lib, views
   tokenizer = tokenizer_lib.Tokenizer(config.model.text.context_length, config.tokenizer.kind)
   is_aclip = "aclip" in config
   size = config.model.image_size
@@ -76,10 +76,10 @@ def _batch(config, batch_size: int, mesh):
 
 def run_step_case(name: str, smoke: bool, steps: int, per_device: int) -> dict:
   """Compiles one case's real train step and times it; halves the batch on out-of-memory."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from glip_jax import aclip, flops, masking, sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  from glip_jax import train_step as train_step_lib  # pylint: disable=import-outside-toplevel
-  from glip_jax.models import clip as clip_lib  # pylint: disable=import-outside-toplevel
+  import jax
+  from glip_jax import aclip, flops, masking, sharding as sharding_lib
+  from glip_jax import train_step as train_step_lib
+  from glip_jax.models import clip as clip_lib
   config = case_config(name, smoke)
   mesh = sharding_lib.create_mesh({"data": -1})
   model = clip_lib.build_model(config.model)
@@ -121,8 +121,8 @@ def run_step_case(name: str, smoke: bool, steps: int, per_device: int) -> dict:
 
 def run_pipeline_case(smoke: bool, batches: int, per_device: int) -> dict:
   """The input pipeline alone, with a grain worker per host core."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from glip_jax.data import pipeline, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  import jax
+  from glip_jax.data import pipeline, tokenizer as tokenizer_lib
   config = case_config("clip_r0", smoke)
   config.data.worker_count = 0 if smoke else os.cpu_count()
   config.data.read_threads = os.cpu_count()
@@ -156,7 +156,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
   jax.config.update("jax_threefry_partitionable", True)
   smoke = _CPU_SMOKE.value
   per_device = 2 if smoke else _PER_DEVICE.value

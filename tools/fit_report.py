@@ -68,7 +68,7 @@ def chip_of(topology: str) -> tuple[str, float | None, float | None]:
 
 def analytic_flops_per_chip(config, batch_size: int, num_chips: int) -> float:
   """SPEC §7 training FLOPs per chip; accumulation adds one gradient-free forward (4/3×)."""
-  from glip_jax import flops  # pylint: disable=import-outside-toplevel
+  from glip_jax import flops
   ratio = config.masking.ratio if config.masking.kind != "none" else 0.0
   per_example = flops.train_flops_per_example(config.model, ratio)
   if config.optim.get("accum_steps", 1) > 1:
@@ -78,8 +78,8 @@ def analytic_flops_per_chip(config, batch_size: int, num_chips: int) -> float:
 
 def report(config, topology: str, batch_size: int, hbm_gib: float | None) -> dict:
   """Compiles once and returns the report as a dict."""
-  from glip_jax import aot  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
+  from glip_jax import aot
+  import jax
   devices = jax.devices() if topology == "cpu" else aot.tpu_devices(topology)
   result = aot.compile_train_step(config, devices, batch_size)
   analytic = analytic_flops_per_chip(config, batch_size, len(devices))
@@ -133,7 +133,7 @@ def print_report(r: dict) -> None:
 
 def find_max_batch(config, topology: str, hbm_gib: float, quantum: int,
                    max_compiles: int) -> tuple[int, list[dict]]:
-  """Largest multiple of `quantum` whose step fits: doubles from the config's batch, then bisects."""
+  """Largest multiple of `quantum` that fits: doubles from the config's batch, then bisects."""
   tried = []
 
   def fits(batch):
@@ -155,7 +155,7 @@ def find_max_batch(config, topology: str, hbm_gib: float, quantum: int,
 
 def print_breakdown(dump_dir: str, top: int) -> None:
   """The largest buffers of the last compiled train step in `dump_dir`."""
-  from glip_jax import aot  # pylint: disable=import-outside-toplevel
+  from glip_jax import aot
   reports = sorted(glob.glob(os.path.join(dump_dir, "*jit_train_step*memory-usage-report.txt")),
                    key=os.path.getmtime)
   if not reports:
@@ -176,7 +176,7 @@ def main(argv):
     dump_dir = tempfile.mkdtemp(prefix="fit_report_")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}"
                                " --xla_dump_hlo_module_re=.*train_step.*").strip()
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
   jax.config.update("jax_threefry_partitionable", True)
   config = _CONFIG.value
   topology = _TOPOLOGY.value
@@ -185,8 +185,8 @@ def main(argv):
   if _FIND_MAX.value:
     if hbm_gib is None:
       raise app.UsageError("--find_max_batch needs a memory size: a TPU topology or --hbm_gib.")
-    from glip_jax import aot  # pylint: disable=import-outside-toplevel
-    from glip_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+    from glip_jax import aot
+    from glip_jax import sharding as sharding_lib
     devices = jax.devices() if topology == "cpu" else aot.tpu_devices(topology)
     mesh = sharding_lib.create_mesh(config.mesh, devices)
     quantum = math.lcm(sharding_lib.data_parallel_size(mesh) * config.optim.get("accum_steps", 1),

@@ -23,11 +23,11 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per implementation.")
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  from glip_jax import losses, sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from glip_jax import losses, sharding as sharding_lib
   mesh = sharding_lib.create_mesh({"data": -1})
   rng = np.random.default_rng(0)
   emb = rng.normal(size=(2, _BATCH.value, _DIM.value)).astype(np.float32)
