@@ -127,7 +127,8 @@ def dense_step():
 
 @pytest.mark.parametrize("mesh_sizes", [
     pytest.param({"data": 1}, marks=pytest.mark.slow),  # the 1-device ring: also in test_losses
-    {"data": 4, "fsdp": 2}, {"data": 8}])
+    pytest.param({"data": 4, "fsdp": 2}, marks=pytest.mark.slow),  # 4×2: also in test_losses
+    {"data": 8}])
 def test_ring_loss_step_equals_dense(dense_step, mesh_sizes):
   """With masking on: same loss, accuracies, gradient norm and updated parameters."""
   _assert_same_step(_one_step(_tiny_config(impl="ring"), mesh_sizes), dense_step)
