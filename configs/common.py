@@ -33,6 +33,7 @@ def base_config(variant: str = "B/16", image_size: int = 224) -> ml_collections.
       kind="none", ratio=0.0, sigma=0.2, sigma_is_variance=True, strength=1.0, gumbel=False))
 
   c.loss = ml_collections.ConfigDict(dict(kind="softmax"))  # softmax (CLIP) | sigmoid (SigLIP)
+  c.loss.impl = "dense"  # dense | ring (shard_map ring: O(B_local²) logits memory, same values)
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=5e-4,  # peak learning rate (absolute, for the global batch above)
@@ -42,6 +43,7 @@ def base_config(variant: str = "B/16", image_size: int = 224) -> ml_collections.
       weight_decay=0.2,  # not applied to biases, norms, position embeddings, cls, temperature
       grad_clip_norm=1.0,  # global-norm clipping; 0 disables
   ))
+  c.optim.accum_steps = 1  # micro-batches per step; >1 caches features so the loss sees all B
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: remaining devices
 

@@ -44,6 +44,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
                                    "multi-process jobs outside SLURM/TPU auto-detection.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "", "Directory for JAX's persistent compilation cache, so a restarted "
+    "or resumed job skips recompiling (empty: off).")
 
 USAGE_EXIT_CODE = 2
 DURATION_FIELDS = ("total_steps", "total_epochs", "total_examples")
@@ -182,6 +185,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   jax.config.update("jax_threefry_partitionable", True)  # shard-local random draws
   initialize_distributed()
+  if _COMPILATION_CACHE.value:
+    from glip_jax import aot  # pylint: disable=g-import-not-at-top
+    aot.enable_compilation_cache(paths.resolve(_COMPILATION_CACHE.value))
   workdir = paths.resolve(_WORKDIR.value)
   checkpoint = paths.resolve(_CHECKPOINT.value) if _CHECKPOINT.value else None
   # Imported after jax.distributed.initialize, which must precede any computation.

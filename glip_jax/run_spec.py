@@ -105,6 +105,9 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> RunSpec:
   data_config_lib.validate_data_config(config.data)
   mesh = sharding_lib.create_mesh(config.mesh)  # a mesh is only a device layout: no compute yet
   sharding_lib.check_batch_size(config.batch_size, mesh)
+  losses.check_impl(config.loss.impl)
+  train_step_lib.check_accum_steps(config.optim.accum_steps, config.batch_size,
+                                   sharding_lib.data_parallel_size(mesh))
   train_sources = open_train_sources(config.data)
   steps = total_steps(config, sum(len(s) for s, _ in train_sources))
   if steps < 1:
@@ -121,7 +124,9 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> RunSpec:
       duration_source=duration_source(config), method=method, method_spec=method_spec,
       masking=masking_spec,
       step=train_step_lib.StepSpec(masking=masking_spec, grid=clip_lib.grid(config.model),
-                                   loss=config.loss.kind, seed=config.seed, total_steps=steps),
+                                   loss=config.loss.kind, seed=config.seed, total_steps=steps,
+                                   loss_impl=config.loss.impl,
+                                   accum_steps=config.optim.accum_steps),
       image_size=(height, width), train_sources=train_sources, evals=evals,
       tokenizer=eval_builder.make_tokenizer(config))
 

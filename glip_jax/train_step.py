@@ -103,6 +103,27 @@ class StepSpec:
   loss: str = "softmax"
   seed: int = 0
   total_steps: int = 0  # for the selection's progress ramp (cluster / pgs); 0 = progress 0
+  loss_impl: str = "dense"  # 'dense' | 'ring' (glip_jax.losses)
+  accum_steps: int = 1  # micro-batches per step, with cached features (see cached_feature_grads)
+
+  def __post_init__(self):
+    losses.check_impl(self.loss_impl)
+    check_accum_steps(self.accum_steps)
+
+
+def check_accum_steps(accum_steps: int, batch_size: int | None = None,
+                      data_parallel: int = 1) -> None:
+  """Raises ValueError unless `optim.accum_steps` is a positive integer splitting the batch.
+
+  Every micro-batch is itself split over the batch axes, so the global batch must be a multiple
+  of accum_steps × the data-parallel size.
+  """
+  if not isinstance(accum_steps, int) or accum_steps < 1:
+    raise ValueError(f"optim.accum_steps={accum_steps!r} is invalid; allowed: an integer >= 1.")
+  if batch_size is not None and batch_size % (accum_steps * data_parallel):
+    raise ValueError(f"batch_size={batch_size} is not divisible by optim.accum_steps × the "
+                     f"data-parallel size = {accum_steps} × {data_parallel}; each micro-batch is "
+                     f"split over the devices.")
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -115,16 +136,80 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   keep = masking.keep_indices(jax.random.fold_in(rng, 0), spec.masking, images.shape[0], spec.grid,
                               sharding=batch_sharding, images=images, progress=progress,
                               image_params=state.params["image"])
+  mesh = getattr(batch_sharding, "mesh", None)
 
   def loss_fn(params):
     outputs = model.apply({"params": params}, images, tokens, keep_indices=keep)
-    loss, aux = losses.contrastive_loss(spec.loss, outputs)
+    loss, aux = losses.contrastive_loss(spec.loss, outputs, spec.loss_impl, mesh)
     return loss, (aux, outputs["logit_scale"])
 
-  (loss, (aux, logit_scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if spec.accum_steps == 1:
+    (loss, (aux, logit_scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  else:
+    loss, aux, grads = cached_feature_grads(state.params, images, tokens, keep, model=model,
+                                            spec=spec, mesh=mesh)
+    logit_scale = state.params["logit_scale"]
   params, opt_state = apply_gradients(state, grads, tx)
   metrics = step_metrics(state, grads, schedule, loss, aux, logit_scale, spec.grid, keep)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def cached_feature_grads(params: Any, images: jax.Array, tokens: jax.Array,
+                         keep: jax.Array | None, *, model: nn.Module, spec: StepSpec,
+                         mesh: Mesh | None) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+  """Loss, metrics and parameter gradients of the full batch in `spec.accum_steps` micro-batches.
+
+  Feature caching (open_clip's --accum-freq): embed every micro-batch without gradient, take the
+  loss over the whole global batch (all negatives) and its gradient w.r.t. the embeddings, then
+  re-run each micro-batch's forward under `jax.vjp` and pull those embedding gradients back to the
+  parameters, summing. Only one micro-batch's activations are alive at a time (~1/k of the
+  un-accumulated step), for one extra forward pass. Mathematically the gradient is the
+  un-accumulated one; `keep` was drawn for the whole batch, so the masks are the same too.
+  """
+  k = spec.accum_steps
+  if images.shape[0] % k:
+    raise ValueError(f"batch of {images.shape[0]} is not divisible by optim.accum_steps={k}.")
+  micro_sharding = (None if mesh is None else
+                    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+                        None, sharding_lib.BATCH_AXES)))
+
+  def split(x):
+    # [B, ...] → [k, B/k, ...] with micro-batch m = rows m, m+k, m+2k, ...: every device holds
+    # B_local/k rows of each micro-batch, so the split moves no data between devices.
+    if x is None:
+      return None
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return x if micro_sharding is None else jax.lax.with_sharding_constraint(x, micro_sharding)
+
+  def merge(x):
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+  def embed(p, micro_batch):
+    imgs, toks, kp = micro_batch
+    out = model.apply({"params": p}, imgs, toks, keep_indices=kp)
+    return out["image_emb"], out["text_emb"]
+
+  micro_batches = (split(images), split(tokens), split(keep))
+  img_emb, txt_emb = jax.lax.map(functools.partial(embed, params), micro_batches)
+  scalar_names = [n for n in ("logit_scale", "logit_bias") if n in params]
+
+  def loss_of_features(features, scalars):
+    outputs = {"image_emb": merge(features[0]), "text_emb": merge(features[1]), **scalars}
+    return losses.contrastive_loss(spec.loss, outputs, spec.loss_impl, mesh)
+
+  (loss, aux), (feature_grads, scalar_grads) = jax.value_and_grad(
+      loss_of_features, argnums=(0, 1), has_aux=True)(
+          (img_emb, txt_emb), {n: params[n] for n in scalar_names})
+
+  def accumulate(total, xs):
+    micro_batch, cotangent = xs
+    _, pullback = jax.vjp(lambda p: embed(p, micro_batch), params)
+    return jax.tree.map(jnp.add, total, pullback(cotangent)[0]), None
+
+  grads, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params),
+                          (micro_batches, feature_grads))
+  grads = {**grads, **{n: grads[n] + scalar_grads[n] for n in scalar_names}}
+  return loss, aux, grads
 
 
 def apply_gradients(state: TrainState, grads: Any,

@@ -129,3 +129,31 @@ def test_bad_model_config(field, value, message):
 def test_unknown_variant():
   with pytest.raises(ValueError, match=r"model.image.variant='X/16'.*'B'"):
     clip_lib.model_config("X/16")
+
+
+def test_dot_product_attention_equals_einsum(tiny):
+  """jax.nn.dot_product_attention: same embeddings (masked image, causal text), same [CLS] rows."""
+  config, model, params, images, tokens = tiny
+  config = config.copy_and_resolve_references()
+  config.attention_impl = "dot_product"
+  fast = clip_lib.build_model(config)
+  keep = jnp.asarray(np.sort(np.random.default_rng(1).permuted(
+      np.tile(np.arange(24), (3, 1)), axis=1)[:, :12], axis=1), jnp.int32)
+  ref = model.apply({"params": params}, images, tokens, keep_indices=keep)
+  out = fast.apply({"params": params}, images, tokens, keep_indices=keep)
+  for name in ("image_emb", "text_emb"):
+    np.testing.assert_allclose(out[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  ref_attn = model.apply({"params": params}, images, return_attention=True,
+                         method=clip_lib.CLIP.image_features)["attention"]
+  attn = fast.apply({"params": params}, images, return_attention=True,
+                    method=clip_lib.CLIP.image_features)["attention"]
+  assert attn.shape == ref_attn.shape == (3, 2, 2, 25)  # [B, depth, heads, 1+N]
+  np.testing.assert_allclose(attn, ref_attn, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_attention_impl():
+  config = clip_lib.model_config("mu/8", 32)
+  config.attention_impl = "flash"
+  with pytest.raises(ValueError, match=r"model.attention_impl='flash'.*allowed: \['einsum', "
+                                       r"'dot_product'\]"):
+    clip_lib.build_model(config)

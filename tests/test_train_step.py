@@ -81,3 +81,69 @@ def test_learns_a_fixed_set_and_clamps_temperature():
   state = state.replace(params={**state.params, "logit_scale": jnp.float32(9.0)})
   state, metrics = step(state, batch)
   assert float(state.params["logit_scale"]) == pytest.approx(math.log(100.0))
+
+
+def _tiny_config(**loss):
+  config = common.base_config("mu/8", 32)
+  config.model.text.context_length = 8
+  config.masking.kind, config.masking.ratio = "random", 0.5
+  config.optim.update(lr=1e-3, warmup_steps=1)
+  config.loss.update(loss)
+  return config
+
+
+def _one_step(config, mesh_sizes, accum_steps=1):
+  """Metrics and parameters after one step from the same init on a 32-example batch."""
+  devices = jax.devices()[:1] if mesh_sizes == {"data": 1} else jax.devices()
+  mesh = sharding_lib.create_mesh(mesh_sizes, devices)
+  model = clip_lib.build_model(config.model)
+  tx, schedule = train_step_lib.make_optimizer(config.optim, 10)
+  state, shardings = train_step_lib.create_train_state(model, tx, config.model, mesh, 0)
+  spec = train_step_lib.StepSpec(masking.MaskingSpec(**config.masking), clip_lib.grid(config.model),
+                                 loss=config.loss.kind, loss_impl=config.loss.impl,
+                                 accum_steps=accum_steps)
+  step = train_step_lib.compile_train_step(model, tx, schedule, spec, mesh, shardings)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8),
+           "text": rng.integers(1, 500, (32, 8)).astype(np.int32)}
+  state, metrics = step(state, batch)
+  return jax.device_get(metrics), jax.device_get(state.params)
+
+
+def _assert_same_step(a, b):
+  metrics_a, params_a = a
+  metrics_b, params_b = b
+  assert metrics_a.keys() == metrics_b.keys()
+  for name in metrics_a:
+    np.testing.assert_allclose(metrics_a[name], metrics_b[name], rtol=2e-5, err_msg=name)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+               params_a, params_b)
+
+
+@pytest.fixture(scope="module")
+def dense_step():
+  return _one_step(_tiny_config(impl="dense"), {"data": 1})
+
+
+@pytest.mark.parametrize("mesh_sizes", [
+    pytest.param({"data": 1}, marks=pytest.mark.slow),  # the 1-device ring: also in test_losses
+    pytest.param({"data": 4, "fsdp": 2}, marks=pytest.mark.slow),  # 4×2: also in test_losses
+    {"data": 8}])
+def test_ring_loss_step_equals_dense(dense_step, mesh_sizes):
+  """With masking on: same loss, accuracies, gradient norm and updated parameters."""
+  _assert_same_step(_one_step(_tiny_config(impl="ring"), mesh_sizes), dense_step)
+
+
+@pytest.mark.parametrize("loss", [dict(impl="dense"),
+                                  pytest.param(dict(impl="ring"), marks=pytest.mark.slow)])
+def test_accumulated_step_equals_full_batch(dense_step, loss):
+  """4 micro-batches with cached features: the same masks, metrics and update as one batch."""
+  _assert_same_step(_one_step(_tiny_config(**loss), {"data": 8}, accum_steps=4), dense_step)
+
+
+def test_bad_accum_steps():
+  with pytest.raises(ValueError, match=r"optim.accum_steps=0 is invalid"):
+    train_step_lib.check_accum_steps(0)
+  with pytest.raises(ValueError, match=r"batch_size=48 is not divisible by optim.accum_steps × "
+                                       r"the data-parallel size = 4 × 8"):
+    train_step_lib.check_accum_steps(4, 48, 8)

@@ -26,6 +26,13 @@ def validate(config: ml_collections.ConfigDict, total_steps: int) -> spec_lib.AC
   if config.masking.kind not in MASKING_KINDS:
     raise ValueError(f"masking.kind={config.masking.kind!r} with config.method='aclip'; allowed: "
                      f"{list(MASKING_KINDS)}.")
+  if config.optim.accum_steps > 1:
+    raise ValueError(f"optim.accum_steps={config.optim.accum_steps} is not supported with "
+                     "config.method='aclip': its step computes the teacher's attentive masks and "
+                     "the SimCLR/BYOL losses over the whole batch in one pass; use accum_steps=1.")
+  if config.loss.impl != "dense":
+    raise ValueError(f"loss.impl={config.loss.impl!r} is not supported with config.method="
+                     "'aclip': its step uses the dense loss; use loss.impl='dense'.")
   return spec_lib.spec_from_config(section, total_steps)
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from glip_jax.models import layers
 from glip_jax.models import text as text_lib
 from glip_jax.models import vit
 
@@ -51,6 +52,7 @@ def model_config(variant: str = "B/16", image_size: int | tuple[int, int] = 224)
       ),
       dtype="float32",  # compute dtype: 'float32' | 'bfloat16' | 'float16'; params stay float32
       remat=False,  # rematerialise each transformer block (saves activation memory)
+      attention_impl="einsum",  # 'einsum' | 'dot_product' (jax.nn.dot_product_attention)
       quick_gelu=False,  # OpenAI's original checkpoints use QuickGELU
       logit_scale_init=math.log(1 / 0.07),
       logit_bias_init=None,  # a float adds SigLIP's learnable bias (e.g. -10.0)
@@ -123,6 +125,9 @@ def build_model(config: ml_collections.ConfigDict) -> CLIP:
     raise ValueError(f"model.image.pos_embedding={config.image.pos_embedding!r}; "
                      f"allowed: {list(POS_EMBEDDINGS)}.")
   dtype = DTYPES[config.dtype]
+  # Model configs saved before the field existed use the einsum path they were trained with.
+  attention_impl = config.get("attention_impl", "einsum")
+  layers.check_attention_impl(attention_impl)
   spec = vit.parse_variant(config.image.variant)
   image_size = image_size_hw(config.image_size)
   vit.grid_shape(image_size, spec.patch_size)  # validates divisibility
@@ -132,13 +137,13 @@ def build_model(config: ml_collections.ConfigDict) -> CLIP:
   image = vit.VisionTransformer(
       spec=spec, image_size=image_size, output_dim=config.embed_dim, pool=config.image.pool,
       pos_embedding=config.image.pos_embedding, quick_gelu=config.quick_gelu,
-      remat=config.remat, dtype=dtype)
+      remat=config.remat, dtype=dtype, attention_impl=attention_impl)
   text = text_lib.TextTransformer(
       width=config.text.width, depth=config.text.depth, num_heads=config.text.heads,
       output_dim=config.embed_dim, vocab_size=config.text.vocab_size,
       context_length=config.text.context_length, causal=config.text.causal,
       eot_token_id=config.text.eot_token_id, quick_gelu=config.quick_gelu,
-      remat=config.remat, dtype=dtype)
+      remat=config.remat, dtype=dtype, attention_impl=attention_impl)
   return CLIP(image=image, text=text, logit_scale_init=config.logit_scale_init,
               logit_bias_init=config.logit_bias_init)
 

@@ -15,6 +15,17 @@ Dtype = Any
 
 # Logical axis names used by parameters; `glip_jax.sharding.LOGICAL_RULES` maps them to mesh axes.
 EMBED, MLP, HEADS, HEAD_DIM, VOCAB = "embed", "mlp", "heads", "head_dim", "vocab"
+# 'einsum': our own softmax(QKᵀ)V with float32 logits. 'dot_product': jax.nn.dot_product_attention,
+# which XLA lowers as it likes on CPU/TPU and which runs cuDNN's flash attention on GPUs when the
+# shapes and dtype allow (implementation=None picks it).
+ATTENTION_IMPLS = ("einsum", "dot_product")
+
+
+def check_attention_impl(impl: str) -> None:
+  """Raises ValueError unless `impl` is an attention implementation."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"model.attention_impl={impl!r} is not an attention implementation; "
+                     f"allowed: {list(ATTENTION_IMPLS)}.")
 
 
 def dense_init(axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
@@ -54,9 +65,11 @@ class Attention(nn.Module):
 
   num_heads: int
   dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, return_weights: bool = False):
+    check_attention_impl(self.attention_impl)
     width = x.shape[-1]
     head_dim = width // self.num_heads
     qkv = nn.DenseGeneral(
@@ -67,11 +80,13 @@ class Attention(nn.Module):
         name="in_proj",
     )(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+    if self.attention_impl == "dot_product":
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+      # The fused kernel returns no weights: A-CLIP's [CLS] row is one extra [B, heads, 1, T] row.
+      weights = _attention_weights(q[:, :1], k, None if mask is None else mask[:, :, :1])
+    else:
+      weights = _attention_weights(q, k, mask)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
     out = nn.DenseGeneral(
         width,
         axis=(-2, -1),
@@ -81,6 +96,14 @@ class Attention(nn.Module):
         name="out_proj",
     )(out)
     return (out, weights[:, :, 0]) if return_weights else out
+
+
+def _attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """softmax(q·kᵀ/√d) in float32, [B, heads, Q, K]; masked keys get zero weight."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
 
 
 class MlpBlock(nn.Module):
@@ -107,10 +130,12 @@ class ResidualBlock(nn.Module):
   mlp_dim: int
   quick_gelu: bool = False
   dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, return_weights: bool = False):
-    attn = Attention(self.num_heads, dtype=self.dtype, name="attn")
+    attn = Attention(self.num_heads, dtype=self.dtype, attention_impl=self.attention_impl,
+                     name="attn")
     y = attn(LayerNorm(self.dtype, name="ln_1")(x), mask, return_weights)
     y, weights = y if return_weights else (y, None)
     x = x + y
@@ -128,6 +153,7 @@ class Transformer(nn.Module):
   quick_gelu: bool = False
   remat: bool = False
   dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, return_weights: bool = False):
@@ -137,7 +163,7 @@ class Transformer(nn.Module):
     all_weights = []
     for i in range(self.depth):
       out = block_cls(self.num_heads, self.mlp_dim, self.quick_gelu, self.dtype,
-                      name=f"resblocks_{i}")(x, mask, return_weights)
+                      self.attention_impl, name=f"resblocks_{i}")(x, mask, return_weights)
       if return_weights:
         x, weights = out
         all_weights.append(weights)

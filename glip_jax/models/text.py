@@ -29,6 +29,7 @@ class TextTransformer(nn.Module):
   quick_gelu: bool = False
   remat: bool = False
   dtype: Any = jnp.float32
+  attention_impl: str = "einsum"  # layers.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> dict[str, jax.Array]:
@@ -45,7 +46,8 @@ class TextTransformer(nn.Module):
     x = embed(tokens) + pos[:length].astype(self.dtype)
     mask = nn.make_causal_mask(tokens, dtype=jnp.bool_) if self.causal else None
     x = layers.Transformer(self.depth, self.num_heads, 4 * self.width, self.quick_gelu,
-                           self.remat, self.dtype, name="transformer")(x, mask)
+                           self.remat, self.dtype, self.attention_impl,
+                           name="transformer")(x, mask)
     x = layers.LayerNorm(self.dtype, name="ln_final")(x)
     if self.eot_token_id is None:
       eot_pos = jnp.argmax(tokens, axis=-1)

@@ -99,6 +99,7 @@ class VisionTransformer(nn.Module):
   quick_gelu: bool = False
   remat: bool = False
   dtype: Any = jnp.float32
+  attention_impl: str = "einsum"  # layers.ATTENTION_IMPLS
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -135,7 +136,8 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([cls_token, x], axis=1)
     x = layers.LayerNorm(self.dtype, name="ln_pre")(x)
     transformer = layers.Transformer(spec.depth, spec.num_heads, spec.mlp_dim, self.quick_gelu,
-                                     self.remat, self.dtype, name="transformer")
+                                     self.remat, self.dtype, self.attention_impl,
+                                     name="transformer")
     out: dict[str, jax.Array] = {}
     if return_attention:
       x, weights = transformer(x, return_weights=True)

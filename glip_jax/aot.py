@@ -1,0 +1,204 @@
+"""Ahead-of-time compilation of the real train step for any device set, with no parameters built.
+
+`compile_train_step(config, devices)` builds the abstract train state with `jax.eval_shape` (the
+same init and logical shardings as `train_step.create_train_state`), lowers the project's own
+sharded train step on `ShapeDtypeStruct` arguments and compiles it. With libtpu installed (the
+`aot` extra) `tpu_devices('v5e:4x4')` gives the devices of a TPU slice on a CPU-only host, so the
+per-chip memory, FLOPs and collectives of a pod-scale run can be read before paying for it
+(tools/fit_report.py). On CPU devices it measures the same things for the local host.
+"""
+
+import dataclasses
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from glip_jax import masking
+from glip_jax import sharding as sharding_lib
+from glip_jax import train_step as train_step_lib
+from glip_jax.models import clip as clip_lib
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+# `%name = <shape> all-gather(` or the async `-start`/`-done` pair (counted once, at `-done`,
+# whose shape is the result).
+_COLLECTIVE_RE = re.compile(
+    r"=\s+(?P<shape>.+?)\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?P<suffix>-start|-done)?\("
+    r"(?P<rest>.*)")
+_CHANNEL_RE = re.compile(r"channel_id=(\d+)")
+_ARRAY_RE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def enable_compilation_cache(path: str, min_compile_seconds: float = 1.0) -> None:
+  """Persists compiled executables under `path` (a local or gs:// directory) across runs.
+
+  A restarted or resumed run then loads its train step instead of recompiling it (minutes for
+  ViT-L on a pod). Programs that compile faster than `min_compile_seconds` are not stored.
+  """
+  from jax.experimental.compilation_cache import compilation_cache
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  # The cache is set up once per process at the first compile; start over with the new directory.
+  compilation_cache.reset_cache()
+
+
+def tpu_devices(topology: str) -> list[jax.Device]:
+  """The devices of a TPU slice such as 'v5e:2x2' or 'v4:2x2x1', described by libtpu (no TPU)."""
+  from jax.experimental import topologies
+  # libtpu takes a machine-wide lock file (/tmp/libtpu_lockfile) so that two processes cannot
+  # drive one TPU; describing a slice drives none, so parallel compiles (tests, reports) may share.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+  except Exception as e:  # libtpu missing or an unknown topology name; say which
+    raise ValueError(f"--topology={topology!r}: libtpu cannot describe it ({e}); install the "
+                     f"'aot' extra (pip install -e '.[aot]') and use names like v5e:2x2, "
+                     f"v4:2x2x1, v5p:2x2x1, v6e:4x4.") from e
+
+
+def abstract_train_state(model: nn.Module, tx: Any, model_config: ml_collections.ConfigDict,
+                         mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """(TrainState of ShapeDtypeStruct with shardings, the shardings) — no array is allocated."""
+  images, tokens = clip_lib.dummy_inputs(model_config)
+
+  def init(rng):
+    # As train_step.create_train_state: the boxed shapes carry every parameter's logical axes.
+    params = model.init(rng, images, tokens)["params"]
+    return train_step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                     opt_state=tx.init(params))
+
+  abstract_boxed = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding_lib.logical_to_shardings(abstract_boxed, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(abstract_boxed), shardings)
+  return abstract, shardings
+
+
+def step_spec(config: ml_collections.ConfigDict) -> train_step_lib.StepSpec:
+  """The StepSpec a run of `config` trains with."""
+  return train_step_lib.StepSpec(
+      masking=masking.from_config(config.masking), grid=clip_lib.grid(config.model),
+      loss=config.loss.kind, seed=config.seed, loss_impl=config.loss.get("impl", "dense"),
+      accum_steps=config.optim.get("accum_steps", 1))
+
+
+@dataclasses.dataclass
+class CompiledStep:
+  """What the compiler says about one train step, per device."""
+
+  argument_bytes: int
+  output_bytes: int
+  temp_bytes: int
+  alias_bytes: int
+  flops: float
+  compile_seconds: float
+  collectives: dict[str, "CollectiveStats"]
+  hlo_text: str
+
+  @property
+  def total_bytes(self) -> int:
+    """Peak live bytes: arguments + temporaries + outputs not aliased onto donated arguments."""
+    return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveStats:
+  """One collective kind in a compiled program."""
+
+  count: int  # distinct collectives (one per channel id)
+  bytes: int  # bytes of their results, each distinct collective once
+  instructions: int  # HLO instructions, clones included
+
+
+def collective_stats(hlo_text: str) -> dict[str, CollectiveStats]:
+  """Every collective kind in an optimized HLO module's text, with counts and result bytes.
+
+  XLA:TPU clones one all-gather into each "async collective fusion" that consumes it: the clones
+  keep the original's channel id, so distinct channel ids count the collectives the program really
+  performs and `instructions` the raw HLO lines. Counts are static: a collective inside a loop body
+  (the ring loss) counts once, although it runs once per iteration.
+  """
+  seen: dict[str, dict[str, int]] = {}
+  lines: dict[str, int] = {}
+  for match in _COLLECTIVE_RE.finditer(hlo_text):
+    if match["suffix"] == "-start":
+      continue
+    op = match["op"]
+    channel = _CHANNEL_RE.search(match["rest"])
+    key = channel.group(1) if channel else f"line{match.start()}"
+    nbytes = sum(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+                 for dtype, dims in _ARRAY_RE.findall(match["shape"]))
+    seen.setdefault(op, {})[key] = nbytes
+    lines[op] = lines.get(op, 0) + 1
+  return {op: CollectiveStats(len(by_channel), sum(by_channel.values()), lines[op])
+          for op, by_channel in sorted(seen.items())}
+
+
+_UNITS = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}
+
+
+def largest_buffers(memory_report: str, top: int = 15) -> list[tuple[int, str]]:
+  """(bytes, shapes) of the largest buffer allocations in XLA's memory-usage report.
+
+  The report is what `--xla_dump_to` writes as `*memory-usage-report.txt`: one line per
+  allocation with every value (HLO shape) that shares it during the program.
+  """
+  rows = []
+  for line in memory_report.splitlines():
+    parts = [p.strip() for p in line.split(";")]
+    if len(parts) != 5:
+      continue
+    size = re.fullmatch(r"([\d.]+)(B|KiB|MiB|GiB)", parts[1])
+    if size:
+      rows.append((int(float(size.group(1)) * _UNITS[size.group(2)]), parts[4]))
+  return sorted(rows, key=lambda r: -r[0])[:top]
+
+
+def compile_train_step(config: ml_collections.ConfigDict,
+                       devices: Sequence[jax.Device] | None = None,
+                       batch_size: int | None = None) -> CompiledStep:
+  """Lowers and compiles the config's train step for `devices` (default: the local ones)."""
+  batch_size = config.batch_size if batch_size is None else batch_size
+  mesh = sharding_lib.create_mesh(config.mesh, devices)
+  sharding_lib.check_batch_size(batch_size, mesh)
+  spec = step_spec(config)
+  train_step_lib.check_accum_steps(spec.accum_steps, batch_size,
+                                   sharding_lib.data_parallel_size(mesh))
+  model = clip_lib.build_model(config.model)
+  tx, schedule = train_step_lib.make_optimizer(config.optim, config.total_steps or 1)
+  state, shardings = abstract_train_state(model, tx, config.model, mesh)
+  step = train_step_lib.compile_train_step(model, tx, schedule, spec, mesh, shardings)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  height, width = clip_lib.image_size_hw(config.model.image_size)
+  batch = {
+      "image": jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.uint8,
+                                    sharding=batch_sharding),
+      "text": jax.ShapeDtypeStruct((batch_size, config.model.text.context_length), jnp.int32,
+                                   sharding=batch_sharding),
+  }
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  text = compiled.as_text()
+  return CompiledStep(
+      argument_bytes=int(memory.argument_size_in_bytes),
+      output_bytes=int(memory.output_size_in_bytes),
+      temp_bytes=int(memory.temp_size_in_bytes),
+      alias_bytes=int(memory.alias_size_in_bytes),
+      flops=float(cost.get("flops", float("nan"))),
+      compile_seconds=seconds,
+      collectives=collective_stats(text),
+      hlo_text=text)
