@@ -27,18 +27,6 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v5e:4x4, v4:2x2x1, "
-                                "v5p:2x2x1, v6e:2x2; or 'cpu' for the local devices.")
-_FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Bisect the largest global batch (a "
-                              "multiple of data-parallel size × accum_steps) that fits in HBM.")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Override the per-chip memory (GiB).")
-_JSON = flags.DEFINE_string("json", "", "Also append the report as one JSON line to this file.")
-_BREAKDOWN = flags.DEFINE_integer("breakdown", 0, "Also print the N largest buffers of the step "
-                                  "(from XLA's memory-usage report; adds a dump to a temp dir).")
-_HLO_OUT = flags.DEFINE_string("hlo_out", "", "Write the compiled (optimized) HLO text here.")
-_MAX_COMPILES = flags.DEFINE_integer("max_compiles", 8, "Budget of compiles for --find_max_batch.")
-
 GIB = 2 ** 30
 # Per-chip HBM and peak bf16 FLOP/s by TPU generation, from Google's Cloud TPU pages
 # (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e; checked 2026-12): v4 32 GiB, 275 TFLOP/s;
@@ -168,6 +156,23 @@ def print_breakdown(dump_dir: str, top: int) -> None:
     print(f"  {size / 2 ** 20:10.2f} MiB  {shapes[:150]}")
 
 
+def define_flags() -> None:
+  """The command-line flags (only when run as a script: importing this next to glip_jax.main, as
+  the tests do, must not define a second --config)."""
+  global _CONFIG, _TOPOLOGY, _FIND_MAX, _HBM_GIB, _JSON, _BREAKDOWN, _HLO_OUT, _MAX_COMPILES  # pylint: disable=global-statement
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
+  _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v5e:4x4, v4:2x2x1, "
+                                  "v5p:2x2x1, v6e:2x2; or 'cpu' for the local devices.")
+  _FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Bisect the largest global batch (a "
+                                "multiple of data-parallel size × accum_steps) that fits in HBM.")
+  _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Override the per-chip memory (GiB).")
+  _JSON = flags.DEFINE_string("json", "", "Also append the report as one JSON line to this file.")
+  _BREAKDOWN = flags.DEFINE_integer("breakdown", 0, "Also print the N largest buffers of the step "
+                                    "(from XLA's memory-usage report; adds a dump to a temp dir).")
+  _HLO_OUT = flags.DEFINE_string("hlo_out", "", "Write the compiled (optimized) HLO text here.")
+  _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 8, "Budget of compiles for --find_max_batch.")
+
+
 def main(argv):
   del argv
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -207,4 +212,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
