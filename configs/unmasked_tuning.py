@@ -5,7 +5,8 @@
 
 `:arg` keys: init (workdir or checkpoint of the masked run; required), data (ArrayRecord glob),
 epochs (1) or steps, batch (640), lr (1e-5), base (the recipe module of the masked run:
-glip_vit_b16). Parameters come from `init`; the optimizer state and step count start fresh.
+glip_vit_b16), image_size (tune at this size when the masked run trained at a lower one, CLIPA's
+resolution reduction: its learned position embeddings are resampled bicubically). Parameters come from `init`; the optimizer state and step count start fresh.
 For the demo: `configs/unmasked_tuning.py:init=runs/demo,base=demo,steps=100,batch=128,lr=1e-4`.
 """
 
@@ -19,11 +20,15 @@ from configs import common
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """The masked run's config with masking off, lr 1e-5 and one epoch (GLIP/FLIP tuning)."""
   args = common.parse_arg(arg, init="", data="", epochs="1", steps="", batch="640",
-                          lr="1e-5", base="glip_vit_b16")
+                          lr="1e-5", base="glip_vit_b16", image_size="")
   base = importlib.import_module(f"configs.{args['base']}")
   c = base.get_config(f"data={args['data']}" if args["data"] else "")
   c.init_from.path = args["init"]
   c.masking.kind, c.masking.ratio = "none", 0.0
+  if args["image_size"]:
+    # CLIPA's resolution lever: the masked run trained at a lower --config.model.image_size; the
+    # tuning runs at full size, its position embeddings resampled on load.
+    c.model.image_size = int(args["image_size"])
   c.batch_size = int(args["batch"])
   if args["steps"]:
     c.total_steps = int(args["steps"])

@@ -281,3 +281,38 @@ def should_stop(flag: PreemptionFlag, manager: ocp.CheckpointManager,
                 step: int) -> bool:
   """Whether to save at `step` and exit: local SIGTERM or a JAX preemption sync point."""
   return flag.requested or manager.reached_preemption(step)
+
+
+def restore_params_at_resolution(path: str | os.PathLike[str], abstract_params: PyTree,
+                                 model_config: Any) -> PyTree:
+  """Parameters of another run's checkpoint for `model_config`, whose image size may differ.
+
+  CLIPA / RECLIP train at a low resolution and tune or evaluate at full size: the checkpoint's
+  learned image position embeddings are then resampled to the new patch grid (bicubic, [CLS]
+  kept; glip_jax/models/posemb.py). Every other parameter must match exactly.
+  """
+  # pylint: disable=g-import-not-at-top
+  import ml_collections
+  import numpy as np
+  from glip_jax import sharding as sharding_lib
+  from glip_jax.models import clip as clip_lib
+  from glip_jax.models import posemb
+  # pylint: enable=g-import-not-at-top
+  saved = ml_collections.ConfigDict(load_config(path).get("model", {}))
+  if (not saved or clip_lib.image_size_hw(saved.image_size)
+      == clip_lib.image_size_hw(model_config.image_size)):
+    return restore_subtrees(path, {"params": abstract_params})["params"]
+  mesh = sharding_lib.create_mesh({"data": 1}, devices=jax.devices()[:1])
+  host = sharding_lib.abstract_params(clip_lib.build_model(saved), saved, mesh)
+  host = {k: v for k, v in host.items() if k in abstract_params}
+  params = jax.device_get(restore_subtrees(path, {"params": host})["params"])
+  image = dict(params["image"])
+  if "positional_embedding" in image:
+    image["positional_embedding"] = posemb.resize_image_posemb(
+        image["positional_embedding"], clip_lib.grid(saved), clip_lib.grid(model_config))
+  params = {**params, "image": image}
+  logging.info("Resampled the image position embeddings from a %s to a %s patch grid.",
+               clip_lib.grid(saved), clip_lib.grid(model_config))
+  return jax.tree.map(lambda x, target: jax.device_put(np.asarray(x, target.dtype),
+                                                       target.sharding),
+                      params, abstract_params)

@@ -97,14 +97,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Initialising parameters from %s.", config.init_from.path)
     # Only the CLIP model's own parameters: a method's extras (A-CLIP's SSL heads) keep their init,
     # so a CLIP run can seed an A-CLIP run and vice versa.
+    # A checkpoint trained at a lower resolution (CLIPA) gets its position embeddings resampled.
     model_keys = set(sharding_lib.abstract_params(model, config.model, mesh))
-    subtrees = {"params": {k: v for k, v in abstract_state.params.items() if k in model_keys}}
+    params = checkpointing.restore_params_at_resolution(
+        config.init_from.path,
+        {k: v for k, v in abstract_state.params.items() if k in model_keys}, config.model)
+    opt_state = state.opt_state
     if config.init_from.optimizer_state:
-      subtrees["opt_state"] = abstract_state.opt_state
-    restored = checkpointing.restore_subtrees(config.init_from.path, subtrees)
-    state = method.on_params_replaced(state.replace(
-        params={**state.params, **restored["params"]},
-        opt_state=restored.get("opt_state", state.opt_state)))
+      opt_state = checkpointing.restore_subtrees(
+          config.init_from.path, {"opt_state": abstract_state.opt_state})["opt_state"]
+    state = method.on_params_replaced(state.replace(params={**state.params, **params},
+                                                    opt_state=opt_state))
   elif config.init_from.open_clip:
     # open_clip / OpenAI weights (docs/interop.md): converted and checked against config.model on
     # the host, then placed in the sharded layout; other parameters (e.g. SSL heads) keep their init.

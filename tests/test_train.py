@@ -17,8 +17,10 @@ import pytest
 import tb_events
 from glip_jax import checkpointing
 from glip_jax import logging as logging_lib
+from glip_jax import sharding as sharding_lib
 from glip_jax import train
 from glip_jax.models import clip as clip_lib
+from glip_jax.models import posemb
 from configs import unmasked_tuning
 from runs import REPO, TOTAL_STEPS, command, read_losses as losses, tiny_config
 
@@ -106,6 +108,34 @@ def test_unmasked_tuning_starts_from_the_parameters_of_another_run(straight, tmp
   jax.tree.map(np.testing.assert_array_equal, final_params(os.path.join(workdir, "checkpoints/1")),
                final_params(straight))
   assert not np.array_equal(final_params(workdir)["logit_scale"], final_params(straight)["logit_scale"])
+
+
+def test_tuning_at_full_resolution_resamples_the_position_embeddings(tmp_path):
+  """CLIPA's resolution reduction: train at 16 px (a 2×2 grid), tune at 32 px (4×4)."""
+  low = tiny_config()
+  low.model.image_size, low.total_steps, low.checkpoint_every_steps = 16, 2, 0
+  low_dir = str(tmp_path / "low")
+  train.train_and_evaluate(low, low_dir)
+  tuning = unmasked_tuning.get_config(f"init={low_dir},base=demo,steps=1,batch=16,lr=1e-4,"
+                                      f"image_size=32")
+  config = tiny_config(config=tuning)
+  config.total_steps, config.checkpoint_every_steps = 1, 0
+  config.model.image_size = 32
+  workdir = str(tmp_path / "full")
+  train.train_and_evaluate(config, workdir)
+  assert read_metrics_last(workdir)["kept_tokens"] == 16  # the 4×4 grid of 32 px
+  low_model = clip_lib.build_model(low.model)
+  mesh = sharding_lib.create_mesh({"data": 1}, devices=jax.devices()[:1])
+  saved = checkpointing.restore_params_from(
+      low_dir, sharding_lib.abstract_params(low_model, low.model, mesh))
+  tuned = final_params(workdir)  # step 1 ran at lr 0: exactly what was loaded
+  expected = posemb.resize_image_posemb(np.asarray(saved["image"]["positional_embedding"]),
+                                        (2, 2), (4, 4))
+  np.testing.assert_allclose(tuned["image"]["positional_embedding"], expected, rtol=1e-6)
+  np.testing.assert_array_equal(tuned["image"]["positional_embedding"][0],
+                                np.asarray(saved["image"]["positional_embedding"])[0])  # [CLS]
+  np.testing.assert_array_equal(tuned["text"]["token_embedding"]["embedding"],
+                                np.asarray(saved["text"]["token_embedding"]["embedding"]))
 
 
 def read_metrics_last(workdir):
