@@ -97,6 +97,9 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> RunSpec:
   masking_spec = masking.from_config(config.masking)
   if config.loss.kind not in losses.LOSSES:
     raise ValueError(f"loss.kind={config.loss.kind!r}; allowed: {list(losses.LOSSES)}.")
+  if config.loss.kind == "sigmoid" and config.model.logit_bias_init is None:
+    raise ValueError("loss.kind='sigmoid' needs model.logit_bias_init (SigLIP uses -10.0, with "
+                     "model.logit_scale_init=log(10)); without the bias the loss starts far off.")
   clip_lib.build_model(config.model)  # validates every model field; builds no parameters
   height, width = clip_lib.image_size_hw(config.model.image_size)
   if height != width:

@@ -129,3 +129,11 @@ def test_a_third_method_trains_through_the_unchanged_trainer(tmp_path):
   moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
            zip(jax.tree.leaves(restored["text"]), jax.tree.leaves(init.params["text"]))]
   assert any(moved)
+
+
+def test_sigmoid_loss_without_bias_fails_in_validation(tmp_path):
+  config = tiny_config()
+  config.loss.kind = "sigmoid"
+  with pytest.raises(errors.ConfigError, match=r"loss.kind='sigmoid' needs model.logit_bias_init"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # before any file is written
