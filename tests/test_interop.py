@@ -437,10 +437,9 @@ def test_import_and_export_tools_round_trip_files_bit_identically(tiny, tmp_path
 def test_export_tool_refuses_a_sentencepiece_run(tmp_path):
   config = tiny_config()
   params = jax.tree.map(np.zeros_like, perturbed_params(config, 0))
-  manager = checkpointing.create_manager(tmp_path / "checkpoints", save_every=1, keep=None)
+  manager = checkpointing.create_manager(tmp_path / "checkpoints", keep=None)
   checkpointing.save(manager, 7, {"params": params}, None,
-                     {"model": config.to_dict(), "tokenizer": {"kind": "sentencepiece"}},
-                     force=True)
+                     {"model": config.to_dict(), "tokenizer": {"kind": "sentencepiece"}})
   manager.wait_until_finished()
   manager.close()
   with pytest.raises(SystemExit, match="tokenizer.kind='sentencepiece'"):

@@ -26,11 +26,11 @@ STEP = 0
 def save(directory: str | os.PathLike[str], params: Any, model_config: ml_collections.ConfigDict,
          **info: Any) -> None:
   """Writes `params` (numpy or jax) as step 0 of a checkpoints directory, with the model config."""
-  manager = checkpointing.create_manager(directory, save_every=1, keep=None)
+  manager = checkpointing.create_manager(directory, keep=None)
   try:
     state = {"params": jax.tree.map(np.asarray, params)}
     config = {"model": model_config.to_dict(), "info": dict(info)}
-    checkpointing.save(manager, STEP, state, None, config, force=True)
+    checkpointing.save(manager, STEP, state, None, config)
     manager.wait_until_finished()
   finally:
     manager.close()
