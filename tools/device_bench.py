@@ -8,8 +8,8 @@ Cases: CLIP at masking 0 / 0.5 / 0.75 (random, FLIP) with the einsum attention, 
 masked views), and the input pipeline alone with every host core (grain workers). The per-device
 batch halves until the step fits (an out-of-memory error) from --per_device_batch. Examples/s
 are timed over --steps steps after a warm-up step; TFLOP/s use the analytic FLOPs of
-glip_jax/flops.py (aclip.aclip_train_flops_per_example for A-CLIP); MFU divides by the device's
-peak dense bf16 FLOP/s (PEAK_TFLOPS; n/a where unknown, e.g. CPU).
+glip_jax/flops.py (flops.aclip_train_flops_per_example for A-CLIP); MFU divides by the device's
+peak dense bf16 FLOP/s (glip_jax/flops.py; n/a where unknown, e.g. CPU).
 """
 
 import os
@@ -27,19 +27,14 @@ _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 256, "Largest per-device 
 _CASES = flags.DEFINE_list("cases", [], "Subset of case names to run (default: all).")
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 8, "Batches timed for the input.")
 
-# Dense bf16 peak per device (vendor data sheets): NVIDIA H100/H200 SXM 989 TFLOP/s, A100 312,
-# L4 121; TPU v4 275, v5e 197, v5p 459, v6e 918.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
-               "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
 CASES = ("clip_r0", "clip_r0.5", "clip_r0.75", "dpa_r0", "dpa_r0.75", "aclip", "pipeline")
 
 
 def peak_tflops(device_kind: str) -> float | None:
-  """Peak bf16 TFLOP/s of a device kind string such as 'NVIDIA H200', or None."""
-  for name, peak in PEAK_TFLOPS.items():
-    if name.lower() in device_kind.lower():
-      return peak
-  return None
+  """Peak bf16 TFLOP/s of a device kind (glip_jax/flops.py's table), or None (e.g. CPU)."""
+  from glip_jax import flops
+  peak = flops.peak_flops_per_device(device_kind)
+  return None if peak is None else peak / 1e12
 
 
 def case_config(name: str, smoke: bool):
@@ -59,47 +54,38 @@ def case_config(name: str, smoke: bool):
   return config
 
 
-def _batch(config, batch_size: int, mesh):
+def _batch(spec, batch_size: int):
   """One real batch of the config's input pipeline (synthetic scenes), on the devices."""
-  from glip_jax.data import pipeline, tokenizer as tokenizer_lib, views
-  tokenizer = tokenizer_lib.Tokenizer(config.model.text.context_length, config.tokenizer.kind)
-  is_aclip = "aclip" in config
-  size = config.model.image_size
-  preprocess = (views.ACLIPPreprocess(size, tokenizer, config.data.crop_scale,
-                                      config.data.crop_ratio) if is_aclip else None)
+  from glip_jax.data import pipeline
+  config, method = spec.config, spec.method
+  size = spec.image_size[0]
+  preprocess = method.make_preprocess(spec.method_spec, config.data, size, spec.tokenizer)
   it = pipeline.make_train_iterator(config.data, global_batch_size=batch_size, image_size=size,
-                                    seed=0, tokenizer=tokenizer, preprocess=preprocess)
+                                    seed=0, tokenizer=spec.tokenizer, preprocess=preprocess)
   local = next(it)
-  keys = views.BATCH_KEYS if is_aclip else ("image", "text")
-  return pipeline.make_global_batch({k: local[k] for k in keys}, mesh)
+  return pipeline.make_global_batch({k: local[k] for k in method.batch_keys}, spec.mesh)
 
 
 def run_step_case(name: str, smoke: bool, steps: int, per_device: int) -> dict:
   """Compiles one case's real train step and times it; halves the batch on out-of-memory."""
   import jax
-  from glip_jax import aclip, flops, masking, sharding as sharding_lib
+  from glip_jax import run_spec
   from glip_jax import train_step as train_step_lib
   from glip_jax.models import clip as clip_lib
   config = case_config(name, smoke)
-  mesh = sharding_lib.create_mesh({"data": -1})
+  spec = run_spec.build(config)  # the case's method (CLIP or A-CLIP) and step, as the trainer
+  method, mesh = spec.method, spec.mesh
   model = clip_lib.build_model(config.model)
   tx, schedule = train_step_lib.make_optimizer(config.optim, 1000)
-  spec = train_step_lib.StepSpec(masking.from_config(config.masking), clip_lib.grid(config.model),
-                                 loss=config.loss.kind)
   while True:
     batch_size = per_device * jax.device_count()
     try:
-      if "aclip" in config:
-        aclip_spec = aclip.spec_from_config(config.aclip, 1000)
-        state, shardings = aclip.create_train_state(model, tx, config.model, mesh, 0, aclip_spec)
-        step = aclip.compile_train_step(model, tx, schedule, spec, mesh, shardings, aclip_spec)
-        per_example = aclip.aclip_train_flops_per_example(config.model, aclip_spec, spec.masking)
-      else:
-        state, shardings = train_step_lib.create_train_state(model, tx, config.model, mesh, 0)
-        step = train_step_lib.compile_train_step(model, tx, schedule, spec, mesh, shardings)
-        per_example = flops.train_flops_per_example(
-            config.model, spec.masking.ratio if spec.masking.active else 0.0)
-      batch = _batch(config, batch_size, mesh)
+      state, shardings = method.create_train_state(model, tx, config.model, mesh, 0,
+                                                   spec.method_spec)
+      step = method.compile_train_step(model, tx, schedule, spec.step, mesh, shardings,
+                                       spec.method_spec)
+      per_example = method.flops_per_example(config.model, spec.method_spec, spec.masking)
+      batch = _batch(spec, batch_size)
       state, metrics = step(state, batch)  # compiles
       jax.block_until_ready(metrics)
       start = time.perf_counter()
