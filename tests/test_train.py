@@ -172,6 +172,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(straight, tmp_path):
   _compare_with_straight(workdir, straight)
 
 
+@pytest.mark.slow  # ~1 min: keeps `make test` under 10 minutes; .ci/run runs it
 def test_aclip_trains_end_to_end_and_resumes_exactly(tmp_path):
   """A-CLIP (configs/demo.py:aclip, shrunk): the same CLI, checkpoints and exact resume."""
   straight_dir = str(tmp_path / "straight")
