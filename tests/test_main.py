@@ -5,6 +5,7 @@ import socket
 import subprocess
 
 import numpy as np
+import pytest
 
 from glip_jax import main
 from runs import REPO, command, read_losses, run_command
@@ -18,6 +19,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~1 min: keeps `make test` under 10 minutes; .ci/run runs it
 def test_two_processes_match_one_process(tmp_path):
   overrides = [f"--config.total_steps={STEPS}", "--config.checkpoint_every_steps=0"]
   single = str(tmp_path / "single")

@@ -157,6 +157,7 @@ def test_kill_9_then_resume_is_exact(straight, tmp_path):
   _compare_with_straight(workdir, straight)
 
 
+@pytest.mark.slow  # ~30 s: keeps `make test` under 10 minutes; .ci/run runs it
 def test_sigterm_saves_exits_cleanly_and_resumes_exactly(straight, tmp_path):
   workdir, log_path = str(tmp_path / "preempted"), str(tmp_path / "log")
   proc = start(workdir, log_path)
