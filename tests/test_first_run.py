@@ -64,6 +64,7 @@ def test_config_paths_are_resolved_once_and_names_kept(monkeypatch, tmp_path):
   assert "templates" not in config.evals.shape_masked  # unset fields stay unset
 
 
+@pytest.mark.slow  # ~1 min of five CLI runs; .ci/run runs it (and `make demo` as written)
 def test_relative_paths_train_resume_watch_evaluate_and_tune(tmp_path):
   """Every README command with relative paths: two saves, a resume, watcher, --checkpoint, tuning."""
   run = cli(tmp_path, "--workdir=runs/a", "--mode=train", "--config.total_steps=20",
