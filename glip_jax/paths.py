@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -87,3 +88,23 @@ def resolve_config_paths(config: ml_collections.ConfigDict,
       for field in ("classnames", "templates"):
         if field in entry and _looks_like_file(entry[field], builtin_names):
           entry[field] = resolve(entry[field])
+
+
+def expand_patterns(value: str | Sequence[str], match: Callable[[str], list[str]], *,
+                    empty: str, no_match: str) -> list[str]:
+  """Shard paths of a pattern, comma-separated patterns or a list, each expanded by `match`.
+
+  Raises ValueError 'data.paths is empty: give <empty>' or FileNotFoundError
+  'data.paths entry <pattern> <no_match>' — the one shard-list reader every shard source uses.
+  """
+  patterns = value.split(",") if isinstance(value, str) else list(value)
+  patterns = [p.strip() for p in patterns if p and p.strip()]
+  if not patterns:
+    raise ValueError(f"data.paths is empty: give {empty}")
+  shards: list[str] = []
+  for pattern in patterns:
+    matches = match(pattern)
+    if not matches:
+      raise FileNotFoundError(f"data.paths entry {pattern!r} {no_match}")
+    shards.extend(matches)
+  return shards

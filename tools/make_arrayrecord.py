@@ -57,15 +57,6 @@ def _expand(inputs: list[str]) -> list[str]:
   return paths
 
 
-def _scalar_metadata(meta: dict[str, Any]) -> dict[str, Any]:
-  """Keeps the msgpack-friendly scalar fields of img2dataset's json (url, width, ...)."""
-  return {
-      k: v
-      for k, v in meta.items()
-      if k != "caption" and isinstance(v, (str, int, float, bool)) and v is not None
-  }
-
-
 def read_webdataset(paths: list[str]) -> Iterator[Raw]:
   """Groups tar members by key (file name up to the first dot) and yields examples in order."""
   for path in paths:
@@ -101,7 +92,7 @@ def _webdataset_example(path: str, key: str, group: dict[str, bytes]) -> Raw:
     caption = str(meta.get("caption") or "")
   label = int(group["cls"].decode().strip()) if "cls" in group else -1
   name = f"{os.path.splitext(os.path.basename(path))[0]}/{os.path.basename(key)}"
-  return name, image, [caption], label, _scalar_metadata(meta)
+  return name, image, [caption], label, records.scalar_metadata(meta)
 
 
 def read_parquet(paths: list[str], args: argparse.Namespace) -> Iterator[Raw]:

@@ -21,6 +21,15 @@ import numpy as np
 FORMAT_VERSION = 1
 
 
+def scalar_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+  """The msgpack-friendly scalar fields of img2dataset's json (url, width, ...), caption excluded."""
+  return {
+      k: v
+      for k, v in meta.items()
+      if k != "caption" and isinstance(v, (str, int, float, bool)) and v is not None
+  }
+
+
 def encode_record(
     image: bytes,
     captions: list[str],

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from glip_jax import paths as paths_lib
 from glip_jax.data import records
 from glip_jax.data import synthetic
 from glip_jax.data import webdataset
@@ -31,20 +32,10 @@ Record = dict[str, Any]
 
 def expand_paths(paths: str | Sequence[str]) -> list[str]:
   """Expands a glob, a comma-separated string or a list of paths/globs into sorted shard paths."""
-  patterns = paths.split(",") if isinstance(paths, str) else list(paths)
-  patterns = [p.strip() for p in patterns if p and p.strip()]
-  if not patterns:
-    raise ValueError("data.paths is empty: give ArrayRecord shard paths or a glob")
-  shards: list[str] = []
-  for pattern in patterns:
-    matches = sorted(glob.glob(os.path.expanduser(pattern)))
-    if not matches:
-      raise FileNotFoundError(
-          f"data.paths entry {pattern!r} matches no file; create shards with "
-          "tools/make_arrayrecord.py (see docs/data.md)"
-      )
-    shards.extend(matches)
-  return shards
+  return paths_lib.expand_patterns(
+      paths, lambda pattern: sorted(glob.glob(os.path.expanduser(pattern))),
+      empty="ArrayRecord shard paths or a glob",
+      no_match="matches no file; create shards with tools/make_arrayrecord.py (see docs/data.md)")
 
 
 class ArrayRecordSource:

@@ -38,6 +38,9 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from glip_jax import paths as paths_lib
+from glip_jax.data import records
+
 INDEX_VERSION = 1
 _FINGERPRINT_BYTES = 1 << 16
 INDEX_SUFFIX = ".glip-index.json"
@@ -81,26 +84,9 @@ def _glob(pattern: str) -> list[str]:
 
 def expand_shards(paths: str | Sequence[str]) -> list[str]:
   """A glob, `{a..b}` range, comma-separated list or sequence of them → sorted .tar paths."""
-  patterns = paths.split(",") if isinstance(paths, str) else list(paths)
-  patterns = [p.strip() for p in patterns if p and p.strip()]
-  if not patterns:
-    raise ValueError("data.paths is empty: give webdataset .tar shard paths or a glob")
-  shards: list[str] = []
-  for pattern in patterns:
-    matches = [m for p in _brace_expand(pattern) for m in _glob(p)]
-    if not matches:
-      raise FileNotFoundError(f"data.paths entry {pattern!r} matches no webdataset shard")
-    shards.extend(matches)
-  return shards
-
-
-def _scalar_metadata(meta: dict[str, Any]) -> dict[str, Any]:
-  """The msgpack-friendly scalar fields of img2dataset's json, as the converter keeps them."""
-  return {
-      k: v
-      for k, v in meta.items()
-      if k != "caption" and isinstance(v, (str, int, float, bool)) and v is not None
-  }
+  return paths_lib.expand_patterns(
+      paths, lambda pattern: [m for p in _brace_expand(pattern) for m in _glob(p)],
+      empty="webdataset .tar shard paths or a glob", no_match="matches no webdataset shard")
 
 
 def _parse_json(data: bytes) -> dict[str, Any]:
@@ -321,7 +307,7 @@ class WebDatasetSource:
         "captions": [_caption(data)],
         "label": int(data["cls"].decode().strip()) if "cls" in data else -1,
         "key": f"{self._stems[shard]}/{key}",
-        "metadata": _scalar_metadata(meta),
+        "metadata": records.scalar_metadata(meta),
     }
 
   def __repr__(self) -> str:
