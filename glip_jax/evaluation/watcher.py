@@ -122,12 +122,12 @@ def run_watcher(config: ml_collections.ConfigDict, workdir: str | os.PathLike[st
   checkpoint = paths.resolve(checkpoint) if checkpoint else checkpoint
   config = copy.deepcopy(config)
   paths.resolve_config_paths(config, builder.CLASSNAME_CHOICES + builder.TEMPLATE_CHOICES)
-  builder.validate_evals(config)
+  entries = builder.validate_evals(config)
   if not config.get("evals"):
     raise ValueError("config.evals is empty: nothing to evaluate (see docs/evaluation.md).")
   mesh = eval_mesh(config)
   model = clip_lib.build_model(config.model)
-  evaluators = builder.build_evaluators(config, model, mesh)
+  evaluators = builder.build_evaluators(config, model, mesh, entries=entries)
   target = sharding_lib.abstract_params(model, config.model, mesh)
 
   if checkpoint is not None:
