@@ -33,6 +33,30 @@ PyTree = Any
 STATE, DATA, CONFIG = "state", "data", "config"
 
 
+# Deterministic crash points for tests (tests/test_faults.py, tests/test_train.py): the process
+# SIGKILLs itself where `$GLIP_JAX_TEST_EXIT_AT` says, instead of tests racing a kill against a
+# background save. "step:<n>": after step n (its metrics logged, its checkpoint, if any,
+# dispatched); "save:<n>:<moment>", moments of the async save of step n in order:
+#   before      in `save`, before Orbax is called: nothing of step n exists;
+#   dispatched  `manager.save` returned: arrays on the host, files being written;
+#   written     every file written and finalized, the temporary directory not yet renamed;
+#   committed   the save finished and was checked (`raise_if_save_failed`): step n is complete.
+TEST_EXIT_ENV = "GLIP_JAX_TEST_EXIT_AT"
+_saving_step: list[int] = []  # the step of the save in flight, for the `written` moment
+
+
+def exit_point(point: str) -> None:
+  """SIGKILLs this process if $GLIP_JAX_TEST_EXIT_AT names `point` (a no-op otherwise)."""
+  if os.environ.get(TEST_EXIT_ENV) == point:
+    logging.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _written_callback() -> None:
+  if _saving_step:
+    exit_point(f"save:{_saving_step[-1]}:written")
+
+
 def checkpoint_dir(workdir: str | os.PathLike[str]) -> epath.Path:
   """Where a job keeps its checkpoints: `workdir/checkpoints`."""
   return epath.Path(workdir) / "checkpoints"
@@ -52,6 +76,8 @@ def create_manager(directory: str | os.PathLike[str], *, keep: int | None,
       enable_async_checkpointing=True,
       # Leftovers of a save killed before it committed; never read either way.
       cleanup_tmp_directories=True,
+      async_options=(ocp.AsyncOptions(post_finalization_callback=_written_callback)
+                     if os.environ.get(TEST_EXIT_ENV) else None),
   )
   # Explicit handlers, so a manager that has not saved yet (a resumed job or a
   # read-only one) can restore any item without being told the args first.
@@ -84,7 +110,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree,
   }
   if data_iterator is not None:
     items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-  return manager.save(step, args=ocp.args.Composite(**items), force=True)
+  exit_point(f"save:{step}:before")
+  _saving_step[:] = [step]
+  started = manager.save(step, args=ocp.args.Composite(**items), force=True)
+  exit_point(f"save:{step}:dispatched")
+  return started
 
 
 class CheckpointSaveError(RuntimeError):
@@ -137,6 +167,7 @@ def raise_if_save_failed(manager: ocp.CheckpointManager, step: int | None, *,
     raise CheckpointSaveError(f"Saving the checkpoint of step {step} failed: "
                               f"{type(e).__name__}: {e}. Training stopped; "
                               f"{_intact(epath.Path(manager.directory))}.") from e
+  exit_point(f"save:{step}:committed")
   return None
 
 
@@ -155,6 +186,73 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree,
     items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored[STATE]
+
+
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint of a workdir that has some could be restored; nothing was changed."""
+
+
+DAMAGED_SUFFIX = ".damaged"
+
+
+def set_aside(directory: str | os.PathLike[str], step: int) -> epath.Path:
+  """Renames step dir `step` to `<step>.damaged[.k]`: kept for a post-mortem, never listed again.
+
+  Orbax lists only digit names, so the trainer's next save of `step` starts afresh and neither
+  keep-N retention nor the watcher touch the damaged copy.
+  """
+  src = epath.Path(directory) / str(step)
+  dst = src.parent / f"{step}{DAMAGED_SUFFIX}"
+  k = 0
+  while dst.exists():
+    k += 1
+    dst = src.parent / f"{step}{DAMAGED_SUFFIX}.{k}"
+  src.rename(dst)
+  return dst
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: PyTree,
+                   data_iterator: grain.DatasetIterator | None = None
+                   ) -> tuple[int | None, PyTree | None]:
+  """(step, state) of the newest checkpoint that restores; (None, None) when there is none.
+
+  A checkpoint that fails to restore (a truncated or deleted file in its step directory, which
+  Orbax reports as a read or decode error) is logged and the next older one is tried; once one
+  restores, the newer failed ones were damaged and are set aside (`set_aside`). When none
+  restores (a damaged run, or a config that no longer matches the checkpoints) nothing is renamed
+  and CheckpointRestoreError lists each step's error: a restart fails the same clear way, it never
+  trains from wrong or fresh parameters.
+  """
+  directory = epath.Path(manager.directory)
+  failed: list[tuple[int, str]] = []
+  for step in reversed(all_steps(directory)):
+    try:
+      state = restore(manager, step, abstract_state, data_iterator)
+    except Exception as e:  # pylint: disable=broad-except
+      # tensorstore, Orbax and json raise many types for missing or truncated files.
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      logging.error("Checkpoint %s/%d cannot be restored (%s); trying the next older one.",
+                    directory, step, reason)
+      failed.append((step, reason))
+      continue
+    if failed:
+      if jax.process_index() == 0:
+        for bad, _ in failed:
+          logging.warning("Damaged checkpoint %d moved to %s.", bad, set_aside(directory, bad))
+      manager.reload()
+      logging.warning("Resumed from step %d, the newest complete checkpoint that restores; the "
+                      "steps after it are trained again.", step)
+    else:
+      logging.info("Resuming from %s/%d.", directory, step)
+    return step, state
+  if failed:
+    raise CheckpointRestoreError(
+        f"No checkpoint in {directory} can be restored: "
+        + "; ".join(f"step {s}: {r}" for s, r in failed)
+        + ". If the config changed since they were written, use the original one; if they are "
+        "damaged, move them aside (the run then starts over) or train with "
+        "--config.init_from.path=<an intact copy>.")
+  return None, None
 
 
 def abstract_like(tree: PyTree, shardings: PyTree | None = None) -> PyTree:

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from glip_jax import config_rules
 from glip_jax import errors
 from glip_jax import losses
 from glip_jax import masking
@@ -115,6 +116,7 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> RunSpec:
   steps = total_steps(config, sum(len(s) for s, _ in train_sources))
   if steps < 1:
     raise ValueError(f"total_steps={config.total_steps!r} is invalid; allowed: an integer >= 1.")
+  config_rules.check_schedule(config, steps)
   method_spec = method.validate(config, steps)
   if config.init_from.path and config.init_from.open_clip:
     raise ValueError(f"init_from.path={config.init_from.path!r} and init_from.open_clip="
@@ -137,6 +139,11 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> RunSpec:
 def build(config: ml_collections.ConfigDict, workdir: str = "") -> RunSpec:
   """Validates `config` (a copy; paths resolved) into a RunSpec; ConfigError names the field."""
   config = copy.deepcopy(config)
+  try:
+    # Every field's type and range first (glip_jax/config_rules.py), then each section's facts.
+    config_rules.validate(config)
+  except (ValueError, TypeError) as e:
+    raise errors.ConfigError(str(e)) from e
   workdir = paths.resolve(workdir)
   paths.resolve_config_paths(config, eval_builder.CLASSNAME_CHOICES + eval_builder.TEMPLATE_CHOICES)
   try:

@@ -33,6 +33,7 @@ from glip_jax.data import prefetch
 from glip_jax.evaluation import builder as eval_builder
 from glip_jax.interop import open_clip as open_clip_interop
 from glip_jax.models import clip as clip_lib
+from glip_jax.models.vit import normalize_images
 
 
 class NonFiniteError(FloatingPointError):
@@ -87,11 +88,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager = checkpointing.create_manager(
       checkpointing.checkpoint_dir(workdir), keep=config.keep_checkpoints or None,
       keep_every=config.keep_checkpoints_every_steps or None)
-  start_step = checkpointing.latest_step(manager)
   abstract_state = checkpointing.abstract_like(state, state_shardings)
+  # The newest checkpoint that restores; damaged newer ones are logged and set aside.
+  start_step, restored = checkpointing.restore_latest(manager, abstract_state, train_iter)
   if start_step is not None:
-    logging.info("Resuming from %s/%d.", manager.directory, start_step)
-    state = checkpointing.restore(manager, start_step, abstract_state, train_iter)
+    state = restored
   elif config.init_from.path:
     # Unmasked tuning and fine-tuning start from another run's parameters, with a fresh step count.
     logging.info("Initialising parameters from %s.", config.init_from.path)
@@ -170,8 +171,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # Reading the previous step's scalars keeps at most two steps in flight: enough to overlap
       # host and device, and it bounds the queue (XLA:CPU collectives can deadlock on deep ones).
       if previous is not None:
-        _check_finite(*previous)
-      previous = (step, metrics)
+        _check_finite(*previous, state)
+      previous = (step, metrics, batch)
       progress.step(step)
       checkpoint_step = checkpointing.raise_if_save_failed(manager, checkpoint_step)
 
@@ -180,7 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         interval_start, data_wait, interval_steps = time.perf_counter(), 0.0, 0
       if step % config.log_every_steps == 0 or step == total_steps:
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(step, scalars)
+        _check_finite(step, scalars, batch, state)
+        scalars.update(_skip_metrics(train_iter))
         if interval_steps:
           elapsed = time.perf_counter() - interval_start
           scalars.update(flops.throughput_metrics(
@@ -196,9 +198,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       stop = checkpointing.should_stop(preemption, manager, step)
       if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or stop:
-        _check_finite(step, metrics)  # never let a non-finite state replace a good checkpoint
+        # Never let a non-finite state replace a good checkpoint.
+        _check_finite(step, metrics, batch, state)
         checkpointing.save(manager, step, state, train_iter, config)
         checkpoint_step = step
+      checkpointing.exit_point(f"step:{step}")  # tests' deterministic kill -9 (a no-op otherwise)
       if stop:
         logging.warning("Preempted at step %d: checkpoint written, exiting.", step)
         summary["preempted_at_step"] = step
@@ -207,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # -------------------------------------------------------------- final checkpoint + evaluation
     if previous is not None:
-      _check_finite(*previous)
+      _check_finite(*previous, state)
     if checkpointing.latest_step(manager) != step:
       checkpointing.save(manager, step, state, train_iter, config)
       checkpoint_step = step
@@ -243,10 +247,48 @@ def parameter_summary(params: Any) -> str:
   return " · ".join(parts) + f" · total {sum(counts.values()):,} ({nbytes / 1e6:.1f} MB)"
 
 
-def _check_finite(step: int, metrics: dict[str, Any]) -> None:
+def _skip_metrics(train_iter: Any) -> dict[str, float]:
+  """`data/skipped/<reason>`: records skipped so far, over all processes (exact on resume)."""
+  counts = pipeline.skip_counts(train_iter.get_state())
+  values = np.array(list(counts.values()), np.int64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    values = np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
+  return {f"data/skipped/{reason}": float(v) for reason, v in zip(counts, values)}
+
+
+@jax.jit
+def _finite_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per batch entry: whether the step's float inputs are all finite (images as normalised)."""
+  def finite(key, x):
+    if x.dtype == np.uint8:  # images: check them as the model sees them
+      x = normalize_images(x, np.float32)
+    return jax.numpy.all(jax.numpy.isfinite(x)) if jax.numpy.issubdtype(
+        x.dtype, jax.numpy.inexact) else jax.numpy.array(True)
+  return {k: finite(k, v) for k, v in batch.items()}
+
+
+def nonfinite_origin(batch: dict[str, Any] | None, state: Any) -> str:
+  """Where a non-finite step came from: named batch entries, or the parameters/gradients."""
+  if batch is not None:
+    bad = sorted(k for k, ok in jax.device_get(_finite_inputs(dict(batch))).items() if not ok)
+    if bad:
+      return (f"it came from the batch: its entries {bad} hold NaN/inf (after normalisation), "
+              f"i.e. the data, not the optimisation")
+  where = ("the step's inputs are finite, so " if batch is not None else "")
+  params = getattr(state, "params", None)
+  if params is not None and not all(bool(np.all(np.isfinite(jax.device_get(x))))
+                                    for x in jax.tree.leaves(params)):
+    return where + "it came from the parameters/gradients (the parameters are now non-finite)"
+  return where + "it came from the parameters/gradients (the loss or gradient overflowed)"
+
+
+def _check_finite(step: int, metrics: dict[str, Any], batch: dict[str, Any] | None = None,
+                  state: Any = None) -> None:
   values = {k: float(metrics[k]) for k in ("loss", "grad_norm") if k in metrics}
   if not all(np.isfinite(v) for v in values.values()):
     raise NonFiniteError(
-        f"Non-finite training values at step {step}: {values}. Stopping without saving; the last "
-        f"good checkpoint is intact. Lower optim.lr, raise optim.warmup_steps or keep "
-        f"optim.grad_clip_norm > 0, then resume from the workdir.")
+        f"Non-finite training values at step {step}: {values}; {nonfinite_origin(batch, state)}. "
+        f"Stopping without saving; the last good checkpoint is intact. Lower optim.lr, raise "
+        f"optim.warmup_steps or keep optim.grad_clip_norm > 0 (or, for the batch, check the "
+        f"data), then resume from the workdir.")

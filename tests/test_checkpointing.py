@@ -147,31 +147,61 @@ def test_incomplete_checkpoint_ignored(saved, tmp_path):
 
 
 _KILLED_SAVER = textwrap.dedent("""
-    import os, signal, sys
+    import sys
     import jax.numpy as jnp
     from glip_jax import checkpointing as ck
     manager = ck.create_manager(sys.argv[1], keep=3)
     ck.save(manager, 1, {"x": jnp.zeros(4)}, None, {})
-    manager.wait_until_finished()
-    # 64 MB: the background write is still running when we kill ourselves.
-    ck.save(manager, 2, {"x": jnp.ones((4096, 4096))}, None, {})
-    os.kill(os.getpid(), signal.SIGKILL)
+    ck.raise_if_save_failed(manager, 1, wait=True)
+    # $GLIP_JAX_TEST_EXIT_AT=save:2:<moment> SIGKILLs this process inside the save of step 2.
+    ck.save(manager, 2, {"x": jnp.ones(4)}, None, {})
+    ck.raise_if_save_failed(manager, 2, wait=True)
+    print("not killed")
 """)
 
 
+def _start_killed_saver(directory, moment):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+             **{ck.TEST_EXIT_ENV: f"save:2:{moment}"})
+  return subprocess.Popen([sys.executable, "-c", _KILLED_SAVER, str(directory)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait_killed(proc, directory, expected_latest):
+  out = proc.communicate(timeout=120)[0].decode()
+  assert proc.returncode == -signal.SIGKILL, out[-2000:]
+  assert ck.all_steps(directory) == list(range(1, expected_latest + 1))
+  return sorted(p for p in os.listdir(directory) if p.startswith("2."))  # uncommitted leftovers
+
+
+def _restore_after_kill(directory, expected_latest):
+  manager = ck.create_manager(directory, keep=3)
+  step, restored = ck.restore_latest(manager, {"x": jax.ShapeDtypeStruct(
+      (4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))})
+  assert step == expected_latest
+  np.testing.assert_array_equal(restored["x"], np.full(4, float(expected_latest == 2)))
+  if expected_latest == 1:  # the resumed run saves step 2 again: the leftovers do not block it
+    ck.save(manager, 2, {"x": jnp.full(4, 5.0)}, None, {})
+    ck.raise_if_save_failed(manager, 2, wait=True)
+    assert ck.all_steps(directory) == [1, 2]
+  manager.close()
+
+
 def test_kill_mid_save_leaves_previous_latest(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  proc = subprocess.run([sys.executable, "-c", _KILLED_SAVER, str(tmp_path)],
-                        env=env, capture_output=True, timeout=120, check=False)
-  assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-  assert "2" not in os.listdir(tmp_path)  # Killed before the commit.
-  assert ck.all_steps(tmp_path) == [1]
-  manager = ck.create_manager(tmp_path, keep=3)
-  assert ck.latest_step(manager) == 1
-  restored = ck.restore(manager, 1, {"x": jax.ShapeDtypeStruct(
-      (4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(
-          jax.devices()[0]))})
-  np.testing.assert_array_equal(restored["x"], np.zeros(4))
+  # Killed with every file of step 2 written but before the commit (the rename): step 1 stays latest.
+  leftovers = _wait_killed(_start_killed_saver(tmp_path, "written"), tmp_path, 1)
+  assert len(leftovers) == 1 and ".orbax-checkpoint-tmp" in leftovers[0]
+  assert os.path.exists(tmp_path / leftovers[0] / "state" / "manifest.ocdbt")  # written in full
+  _restore_after_kill(tmp_path, 1)
+
+
+@pytest.mark.slow  # three more subprocesses (~20 s); .ci/run runs it
+def test_kill_at_every_moment_of_an_async_save(tmp_path):
+  moments = {"before": 1, "dispatched": 1, "committed": 2}
+  procs = {m: _start_killed_saver(tmp_path / m, m) for m in moments}  # concurrently
+  for moment, expected in moments.items():
+    _wait_killed(procs[moment], tmp_path / moment, expected)
+    _restore_after_kill(tmp_path / moment, expected)
 
 
 def test_sigterm_sets_flag(tmp_path):

@@ -87,6 +87,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   # host→device copy overlaps the step; 0: transfer each batch when the step needs it.
   cfg.device_prefetch = 2
   cfg.max_captions = 5  # Eval: captions per image kept for retrieval ('texts' [b, C, L]).
+  # Bad records (undecodable image, blank caption, missing field) are skipped and counted
+  # (docs/data.md, "Bad records"); more than this share of a window of `skip_window` training
+  # examples skipped stops the run, naming the records (0: stop at the first one).
+  cfg.max_skip_fraction = 0.01
+  cfg.skip_window = 10_000
   return cfg
 
 
@@ -182,6 +187,11 @@ def validate_data_config(cfg: Any) -> None:
   # Training only: global batches kept on the devices ahead of the step (glip_jax/data/prefetch.py).
   if not isinstance(cfg.device_prefetch, int) or cfg.device_prefetch < 0:
     _fail("device_prefetch", cfg.device_prefetch, "an int >= 0 (0: no device prefetch)")
+  if (isinstance(cfg.max_skip_fraction, bool) or not isinstance(cfg.max_skip_fraction, (int, float))
+      or not 0 <= cfg.max_skip_fraction <= 1):
+    _fail("max_skip_fraction", cfg.max_skip_fraction, "a float in [0, 1]")
+  if not isinstance(cfg.skip_window, int) or cfg.skip_window < 1:
+    _fail("skip_window", cfg.skip_window, "an int >= 1 (examples)")
 
 
 def _mixture_entry(entry: Any) -> tuple[Any, float]:

@@ -14,10 +14,13 @@ synthetic source, 'label_shape' / 'label_colour' / 'label_size' int32 [b].
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
+from absl import logging
 import grain
 import jax
 import numpy as np
@@ -158,6 +161,221 @@ def _finish(ds: grain.MapDataset, knobs: Any) -> grain.IterDataset:
     )
   return it
 
+# ------------------------------------------------------------------ skipping bad records
+# A record that cannot be used (records.SKIP_REASONS) is skipped, never fatal. Where: the source is
+# read through _CheckedSource (fields, captions cleaned) and the preprocessing through _Guard
+# (image decode); both turn a bad record into a marker. Training (_ReplaceSkipped) replaces the
+# marker at position i of the shuffled sequence by the first good record after it (i+1, i+2, …),
+# preprocessed exactly as at its own position, so a step's batch stays a pure function of (seed,
+# step) and resume is exact; position i's own reason travels with the example as host-side fields
+# (SKIP_FIELDS) that SkipCounter sums into the iterator state. Evaluation replaces it by padding
+# ('mask' False): no example counts twice.
+
+_SKIP = "_skip"  # marker key: its value is the reason
+SKIP_FIELDS = ("_skip_reason", "_skip_source", "_skip_index")  # per example; -1 = not skipped
+# Consecutive bad records _ReplaceSkipped looks past before it gives up (the data is broken).
+MAX_CONSECUTIVE_SKIPS = 64
+_LOGGED_SKIPS = 10  # bad records logged in full (source, index, key, reason, error) per process
+_log_lock = threading.Lock()
+_logged: set[tuple[str, int]] = set()
+
+
+class TooManySkipsError(RuntimeError):
+  """The data is mostly broken: more records skipped than data.max_skip_fraction allows."""
+
+
+def describe_source(source: Any) -> str:
+  """A source as the skip messages name it (its repr, plus its first shard path if it has any)."""
+  shards = getattr(source, "paths", None)
+  if isinstance(shards, (list, tuple)) and shards:
+    return f"{source!r} [{shards[0]}{', …' if len(shards) > 1 else ''}]"
+  return repr(source)
+
+
+def _log_skip(name: str, index: int, key: Any, reason: str, detail: str) -> None:
+  with _log_lock:  # a record can be read more than once (replacement search, eval re-runs)
+    if len(_logged) >= _LOGGED_SKIPS or (name, index) in _logged:
+      return
+    _logged.add((name, index))
+    last = len(_logged) == _LOGGED_SKIPS
+  logging.warning("Skipped record %d of %s (key %r): %s: %s%s", index, name, key, reason, detail,
+                  " (further skipped records are only counted)" if last else "")
+
+
+def _marker(reason: str, index: int, name: str, key: Any, detail: str) -> dict[str, Any]:
+  _log_skip(name, index, key, reason, detail)
+  return {_SKIP: reason, "_index": index}
+
+
+def _key(record: Any) -> Any:
+  return record.get("key", "?") if isinstance(record, dict) else "?"
+
+
+class _CheckedSource:
+  """A source whose records come checked and cleaned (records.checked); a bad one → a marker."""
+
+  def __init__(self, source: Any, need_caption: bool):
+    self._source = source
+    self._need_caption = need_caption
+    self.name = describe_source(source)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    raw = None
+    try:
+      raw = self._source[index]
+      record = records.checked(raw, self._need_caption)
+    except records.BadRecordError as e:
+      return _marker(e.reason, index, self.name, _key(raw), str(e))
+    except KeyError as e:  # a source's own reader found a field missing
+      return _marker("missing_field", index, self.name, _key(raw), f"missing {e}")
+    record["_index"] = index
+    return record
+
+  def __repr__(self) -> str:
+    return self.name
+
+
+class _Guard(grain.transforms.RandomMap):
+  """A training preprocess whose BadRecordError (an image that does not decode) → a marker."""
+
+  def __init__(self, preprocess: Any, name: str):
+    self._preprocess = preprocess
+    self._name = name
+
+  def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if _SKIP in record:
+      return record
+    try:
+      return self._preprocess.random_map(record, rng)
+    except records.BadRecordError as e:
+      return _marker(e.reason, record["_index"], self._name, record.get("key"), str(e))
+
+
+class _ReplaceSkipped(grain.MapDataset):
+  """Position i: its own example, or (marker) the first good one after it; + SKIP_FIELDS."""
+
+  def __init__(self, parent: grain.MapDataset, component: int, name: str):
+    super().__init__(parent)
+    self._component = component
+    self._name = name
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __str__(self) -> str:
+    return "ReplaceSkippedMapDataset"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    element = self._parent[index]
+    if element is None or _SKIP not in element:
+      return element if element is None else {
+          **element, "_skip_reason": np.int32(-1), "_skip_source": np.int32(-1),
+          "_skip_index": np.int64(-1)}
+    bad = [element]
+    while _SKIP in bad[-1]:
+      if len(bad) > MAX_CONSECUTIVE_SKIPS:
+        raise TooManySkipsError(
+            f"{len(bad)} consecutive records of {self._name} are unusable (e.g. records "
+            f"{sorted(b['_index'] for b in bad)[:10]}: {bad[0][_SKIP]}); the data is broken "
+            f"(see docs/data.md, 'Bad records').")
+      bad.append(self._parent[index + len(bad)])
+    return {**bad[-1], "_skip_reason": np.int32(records.SKIP_REASONS.index(element[_SKIP])),
+            "_skip_source": np.int32(self._component), "_skip_index": np.int64(element["_index"])}
+
+
+class SkipCounter(grain.DatasetIterator):
+  """Sums a batch's SKIP_FIELDS into its state (exact on resume) and enforces the ceiling.
+
+  State: {'pipeline': the inner iterator's, 'skipped': {reason: count}, 'window': [examples,
+  skipped] of the current window, 'recent': the last skipped [source, index, reason]}. Windows are
+  consecutive blocks of `window` examples; more than `max_fraction · window` skips in one stops
+  the run (TooManySkipsError naming the sources and the indices).
+  """
+
+  def __init__(self, inner: grain.DatasetIterator, names: Sequence[str], max_fraction: float,
+               window: int):
+    super().__init__(inner)
+    self._inner = inner
+    self._names = tuple(names)
+    self._max_fraction, self._window = float(max_fraction), int(window)
+    self._counts = {r: 0 for r in records.SKIP_REASONS}
+    self._in_window = [0, 0]
+    self._recent: list[list[Any]] = []
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = dict(next(self._inner))
+    reasons, where, index = (np.asarray(batch.pop(f)) for f in SKIP_FIELDS)
+    bad = np.flatnonzero(reasons >= 0)
+    for i in bad:
+      reason = records.SKIP_REASONS[int(reasons[i])]
+      self._counts[reason] += 1
+      self._recent = (self._recent + [[int(where[i]), int(index[i]), reason]])[-10:]
+    if self._in_window[0] >= self._window:
+      self._in_window = [0, 0]
+    self._in_window[0] += len(reasons)
+    self._in_window[1] += len(bad)
+    if self._in_window[1] > self._max_fraction * self._window:
+      raise TooManySkipsError(self._ceiling_message())
+    return batch
+
+  def _ceiling_message(self) -> str:
+    by_source: dict[int, list[str]] = {}
+    for source, index, reason in self._recent:
+      by_source.setdefault(source, []).append(f"{index} ({reason})")
+    where = "; ".join(f"{self._names[s]}: records {', '.join(v)}" for s, v in by_source.items())
+    counts = ", ".join(f"{r} {n}" for r, n in self._counts.items() if n)
+    return (f"The training data is mostly unusable: {self._in_window[1]} of the last "
+            f"{self._in_window[0]} examples were skipped, more than data.max_skip_fraction="
+            f"{self._max_fraction} of a window of data.skip_window={self._window} examples allows "
+            f"(in all: {counts}). Last skipped: {where}. Repair or drop these records, or raise "
+            f"data.max_skip_fraction (docs/data.md, 'Bad records').")
+
+  def get_state(self) -> dict[str, Any]:
+    """The inner iterator's state plus the skip counts up to here."""
+    return {"pipeline": self._inner.get_state(), "skipped": dict(self._counts),
+            "window": list(self._in_window), "recent": copy.deepcopy(self._recent)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Restores a state of get_state (or a plain inner state, saved before skips were counted)."""
+    if "skipped" not in state:
+      state = {"pipeline": state, "skipped": {}, "window": [0, 0], "recent": []}
+    self._inner.set_state(state["pipeline"])
+    self._counts = {r: int(state["skipped"].get(r, 0)) for r in records.SKIP_REASONS}
+    self._in_window = [int(v) for v in state["window"]]
+    self._recent = [list(v) for v in state["recent"]]
+
+  def close(self) -> None:
+    """Closes the inner iterator (its worker processes)."""
+    if hasattr(self._inner, "close"):
+      self._inner.close()
+
+
+def skip_counts(iterator_state: dict[str, Any]) -> dict[str, int]:
+  """{reason: records skipped so far} from a training iterator's state (a SkipCounter's)."""
+  skipped = iterator_state.get("skipped", {})
+  return {r: int(skipped.get(r, 0)) for r in records.SKIP_REASONS}
+
+
+class _EvalGuard(grain.transforms.Map):
+  """EvalPreprocess whose bad records (marker or undecodable image) become padding."""
+
+  def __init__(self, preprocess: "EvalPreprocess", name: str):
+    self._preprocess = preprocess
+    self._name = name
+
+  def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    if _SKIP not in record:
+      try:
+        return self._preprocess.map(record)
+      except records.BadRecordError as e:
+        _marker(e.reason, record.get("_index", -1), self._name, record.get("key"), str(e))
+    return self._preprocess.map(_PAD)
+
 
 def make_train_iterator(
     data_cfg: Any,
@@ -189,11 +407,14 @@ def make_train_iterator(
   if opened_sources is None:
     opened_sources = [(sources.source_from_config(source_cfg), weight)
                       for source_cfg, weight in config_lib.mixture_components(data_cfg)]
+  names = []
   for i, (source, weight) in enumerate(opened_sources):
-    ds = grain.MapDataset.source(source)
+    checked = _CheckedSource(source, need_caption=True)
+    names.append(checked.name)
+    ds = grain.MapDataset.source(checked)
     ds = ds.shuffle(seed=_seed(base_seed, i, 0)).repeat()
-    ds = ds.random_map(preprocess, seed=_seed(base_seed, i, 1))
-    parts.append(ds)
+    ds = ds.random_map(_Guard(preprocess, checked.name), seed=_seed(base_seed, i, 1))
+    parts.append(_ReplaceSkipped(ds, i, checked.name))
     weights.append(weight)
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   # The global sequence (shuffle, augmentation seeds, mixing) is the same for every process
@@ -203,7 +424,8 @@ def make_train_iterator(
   # lazy: a process decodes only its own rows.
   ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds[shard_options.shard_index :: shard_options.shard_count]
-  return iter(_finish(ds, data_cfg))
+  return SkipCounter(iter(_finish(ds, data_cfg)), names, data_cfg.max_skip_fraction,
+                     data_cfg.skip_window)
 
 
 def make_eval_batches(
@@ -229,10 +451,11 @@ def make_eval_batches(
   source = sources.source_from_config(dataset_cfg, split)
   per_process = math.ceil(len(source) / shard_options.shard_count)
   length = math.ceil(per_process / local_batch) * local_batch
-  padded = _PaddedShard(source, shard_options.shard_index, shard_options.shard_count, length)
-  preprocess = EvalPreprocess(
+  checked = _CheckedSource(source, need_caption=False)
+  padded = _PaddedShard(checked, shard_options.shard_index, shard_options.shard_count, length)
+  preprocess = _EvalGuard(EvalPreprocess(
       image_size, tokenizer, int(knobs["max_captions"]), getattr(source, "label_names", ())
-  )
+  ), checked.name)
   ds = grain.MapDataset.source(padded).map(preprocess).batch(local_batch)
   return _finish(ds, knobs)
 

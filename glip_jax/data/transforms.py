@@ -18,6 +18,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from glip_jax.data import records
+
 DEFAULT_SCALE = (0.5, 1.0)  # FLIP / GLIP; torchvision's default would be (0.08, 1).
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 
@@ -36,8 +38,15 @@ class CropBox(NamedTuple):
     return np.array([self.top, self.left, self.bottom, self.right], np.float32)
 
 
-class UndecodableImageError(ValueError):
-  """Encoded image bytes that PIL cannot decode (corrupt, truncated or not an image)."""
+class UndecodableImageError(records.BadRecordError):
+  """Encoded image bytes that PIL cannot decode (corrupt, truncated, not an image, absurd size)."""
+
+  reason = "undecodable_image"
+
+
+# Larger stored images are refused before decoding: a header claiming e.g. 100k × 100k pixels is a
+# corrupt file or a decompression bomb, and would take gigabytes to decode (PIL's own limit).
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 def _open(image: bytes | np.ndarray | Image.Image) -> Image.Image:
@@ -47,9 +56,14 @@ def _open(image: bytes | np.ndarray | Image.Image) -> Image.Image:
   if isinstance(image, np.ndarray):
     return Image.fromarray(image)
   try:
-    return Image.open(io.BytesIO(image))
+    pil = Image.open(io.BytesIO(image))
   except Exception as e:  # PIL raises many types for bad data; all mean "undecodable".
     raise UndecodableImageError(f"cannot decode image ({len(image)} bytes): {e}") from None
+  width, height = pil.size
+  if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:
+    raise UndecodableImageError(f"{pil.format} image of {width}×{height} pixels: allowed are "
+                                f"1..{MAX_IMAGE_PIXELS:,} pixels")
+  return pil
 
 
 def _load_rgb(pil: Image.Image) -> Image.Image:

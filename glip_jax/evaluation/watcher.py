@@ -9,7 +9,9 @@ and writes `eval/<name>/<metric>` at the checkpoint's step to TensorBoard and
 `WORKDIR/eval/metrics.jsonl`. The steps done are recorded in `WORKDIR/eval/evaluated.json`
 (rewritten atomically after each checkpoint's metrics are flushed), so a restarted watcher
 evaluates nothing twice. Partial saves (`N.orbax-checkpoint-tmp-*`) are never listed; a checkpoint
-deleted by keep-N retention before it could be read is skipped. The job exits once the final
+deleted by keep-N retention before it could be read is skipped; one that exists but does not
+restore (a truncated or deleted file inside it) is logged, skipped and listed with its error in
+`WORKDIR/eval/damaged.json`. The job exits once the final
 training step's checkpoint is evaluated, or after `timeout_seconds`.
 
 `--checkpoint=PATH` (a step directory, a checkpoint directory or a workdir: its latest) evaluates
@@ -93,6 +95,19 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
   return [] if norm(a) == norm(b) else [f"{prefix[:-1]}: {b!r} != {a!r}"]
 
 
+class ModelMismatchError(ValueError):
+  """A checkpoint of another model than config.model (a user error, not a damaged checkpoint)."""
+
+
+DAMAGED_FILENAME = "damaged.json"
+
+
+def _record_damaged(workdir: str | os.PathLike[str], damaged: dict[int, str]) -> None:
+  """Writes {step: error} of the checkpoints this watcher found damaged (for humans only)."""
+  (eval_dir(workdir) / DAMAGED_FILENAME).write_text(
+      json.dumps({str(k): v for k, v in sorted(damaged.items())}, indent=1))
+
+
 def restore_params(step_dir: epath.Path, target: Any,
                    config: ml_collections.ConfigDict) -> Any:
   """Parameters of one checkpoint; a shape mismatch names the model fields that differ."""
@@ -103,7 +118,7 @@ def restore_params(step_dir: epath.Path, target: Any,
     diff = _differences(config.model.to_dict(), saved, "model.")
     if not diff:
       raise
-    raise ValueError(f"{os.fspath(step_dir)} was written by a different model than config.model "
+    raise ModelMismatchError(f"{os.fspath(step_dir)} was written by a different model than config.model "
                      f"describes (checkpoint != given): {'; '.join(diff)}. Evaluate with the "
                      f"config the run was trained with.") from e
 
@@ -145,19 +160,32 @@ def run_watcher(config: ml_collections.ConfigDict, workdir: str | os.PathLike[st
   writer = logging_lib.create_writer(os.fspath(out_dir), just_logging=jax.process_index() > 0)
   deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
   evaluated: dict[int, dict[str, float]] = {}
+  # Damaged checkpoints are skipped for the life of this job (a restarted watcher tries them again,
+  # e.g. once the trainer has rewritten the step); the final step damaged ends the watch.
+  damaged: dict[int, str] = {}
   try:
-    while last not in done:
+    while last not in done and last not in damaged:
       for step in checkpointing.all_steps(ckpt_dir):
         if step in done:
           continue
         step_dir = ckpt_dir / str(step)
+        if step in damaged:
+          continue
         try:
           params = restore_params(step_dir, target, config)
-        except Exception:  # pylint: disable=broad-except
-          # Orbax raises various errors for files vanishing mid-read; only a vanished step is ok.
-          if step_dir.exists():
-            raise
-          logging.warning("Checkpoint %d was deleted before it could be evaluated; skipped.", step)
+        except ModelMismatchError:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          # Orbax raises various errors for files vanishing mid-read or truncated.
+          if not step_dir.exists():
+            logging.warning("Checkpoint %d was deleted before it could be evaluated; skipped.",
+                            step)
+            continue
+          damaged[step] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+          logging.error("Checkpoint %d is damaged (%s); skipped, recorded in %s.", step,
+                        damaged[step], eval_dir(workdir) / DAMAGED_FILENAME)
+          if jax.process_index() == 0:
+            _record_damaged(workdir, damaged)
           continue
         results = builder.run_evaluators(evaluators, params)
         writer.write_scalars(step, results)
@@ -167,7 +195,7 @@ def run_watcher(config: ml_collections.ConfigDict, workdir: str | os.PathLike[st
           _write_record(workdir, done)
         evaluated[step] = results
         logging.info("Evaluated checkpoint %d: %s", step, results)
-      if last in done:
+      if last in done or last in damaged:
         break
       if deadline is not None and time.monotonic() >= deadline:
         logging.warning("Timed out after %ss before the final step %d was evaluated.",
