@@ -24,7 +24,6 @@ from absl import logging
 
 from glip_jax import errors
 from glip_jax import losses
-from glip_jax import methods
 from glip_jax.data import config as data_config
 from glip_jax.data import sources
 from glip_jax.data import synthetic
@@ -158,9 +157,8 @@ SOURCE_RULES: dict[str, Rule] = {
 RULES: dict[str, Rule] = {
     "seed": integer(),
     "batch_size": integer(1),
-    # Looked up at check time: a method may be registered after import (tests/test_methods.py).
-    "method": Rule("a registered method (glip_jax/methods: 'clip', 'aclip', ...)",
-                   lambda v: isinstance(v, str) and v in methods.names()),
+    # Which names exist is the registry's to say (methods.get lists them; a test may register one).
+    "method": text(),
     "total_steps": integer(1),
     "total_epochs": optional(number(0.0, low_open=True)),
     "total_examples": optional(integer(1)),

@@ -142,17 +142,24 @@ def read_metrics_last(workdir):
   return logging_lib.read_metrics_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
 
 
+def run_killed_at(workdir, log_path, point, arg="", extra=()):
+  """Runs training in a subprocess that SIGKILLs itself at `point` (checkpointing.exit_point)."""
+  args, env = command(workdir, *extra, arg=arg)
+  env[checkpointing.TEST_EXIT_ENV] = point
+  with open(log_path, "w") as log:
+    proc = subprocess.run(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                          timeout=300, check=False)
+  assert proc.returncode == -signal.SIGKILL, open(log_path).read()[-3000:]
+
+
 def test_kill_9_then_resume_is_exact(straight, tmp_path):
   workdir, log_path = str(tmp_path / "killed"), str(tmp_path / "log")
-  proc = start(workdir, log_path)
-  wait_for_progress(workdir, 15, proc, log_path)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  resumed_from = checkpointing.all_steps(checkpointing.checkpoint_dir(workdir))[-1]
-  assert 10 <= resumed_from < TOTAL_STEPS
+  # Killed inside the async save of step 20, after logging step 20: the save of step 10 has
+  # finished (Orbax waits for it before starting the next), the one of step 20 has not.
+  run_killed_at(workdir, log_path, "save:20:dispatched")
+  assert checkpointing.all_steps(checkpointing.checkpoint_dir(workdir)) == [10]
   # The killed run logged steps past its last checkpoint; the resumed run replaces them.
-  assert max(losses(workdir)) > resumed_from
+  assert max(losses(workdir)) == 20
   train.train_and_evaluate(tiny_config(), workdir)
   _compare_with_straight(workdir, straight)
 

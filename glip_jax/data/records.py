@@ -114,8 +114,8 @@ def checked(record: Any, need_caption: bool) -> dict[str, Any]:
   """The record with its captions cleaned (stripped, empty ones dropped); BadRecordError if unusable.
 
   Sources other than our converter (own tools, TFDS, Karpathy files) can hand over records with a
-  missing field or only blank captions; training needs at least one caption (`need_caption`),
-  evaluation sets of images and labels have none.
+  missing field or only blank captions; training needs at least one caption (`need_caption`);
+  evaluation accepts none at all (sets of images and labels) but not only blank ones.
   """
   if not isinstance(record, dict):
     raise BadRecordError(f"the source returned {type(record).__name__}, not a record dict")
@@ -128,7 +128,9 @@ def checked(record: Any, need_caption: bool) -> dict[str, Any]:
   if image is None or (isinstance(image, (bytes, bytearray)) and not image):
     raise BadRecordError(f"record {record['key']!r} has an empty image", "undecodable_image")
   captions = [c.strip() for c in record["captions"] if isinstance(c, str) and c.strip()]
-  if need_caption and not captions:
+  # Evaluation keeps records without captions (image/label sets) but not ones whose captions are
+  # all blank: in a captioned set such an image could never be retrieved.
+  if not captions and (need_caption or record["captions"]):
     raise BadRecordError(f"record {record['key']!r} has no non-blank caption "
                          f"({record['captions']!r})", "empty_caption")
   return {**record, "captions": captions}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -56,7 +57,9 @@ def _open(image: bytes | np.ndarray | Image.Image) -> Image.Image:
   if isinstance(image, np.ndarray):
     return Image.fromarray(image)
   try:
-    pil = Image.open(io.BytesIO(image))
+    with warnings.catch_warnings():  # a too large image is refused below, not warned about
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      pil = Image.open(io.BytesIO(image))
   except Exception as e:  # PIL raises many types for bad data; all mean "undecodable".
     raise UndecodableImageError(f"cannot decode image ({len(image)} bytes): {e}") from None
   width, height = pil.size
