@@ -124,7 +124,6 @@ _MESH_AXIS = Rule("-1 (all remaining devices) or an int >= 1",
 _PATHS = Rule("a string (a glob, a range or comma-separated globs) or a list of strings",
               lambda v: isinstance(v, str) or (isinstance(v, (list, tuple))
                                                and all(isinstance(p, str) for p in v)))
-_FRACTION = number(0.0, 1.0, high_open=True)
 _MAPPING = Rule("a dict of {name: entry}", lambda v: isinstance(v, Mapping) or hasattr(v, "items"))
 _LIST = Rule("a list", lambda v: isinstance(v, (list, tuple)))
 
@@ -188,7 +187,8 @@ RULES: dict[str, Rule] = {
     "model.text.causal": boolean(),
     # masking (glip_jax/masking/spec.py documents each)
     "masking.kind": one_of(masking_spec.KINDS),
-    "masking.ratio": _FRACTION,
+    # Its range, [0, 1), is MaskingSpec's to report (the documented CLI message).
+    "masking.ratio": number(),
     "masking.sigma": number(0.0, low_open=True),
     "masking.sigma_is_variance": boolean(),
     "masking.strength": number(0.0),

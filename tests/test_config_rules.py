@@ -60,7 +60,7 @@ _BAD = [
     ("batch_size", "16", "an int >= 1"),
     ("total_steps", 0, "an int >= 1"),
     ("seed", 0.5, "an int"),
-    ("masking.ratio", 1.0, "a number in [0.0, 1.0)"),
+    ("masking.ratio", "0.5", "a number"),
     ("masking.sigma", 0.0, "a number > 0.0"),
     ("loss.impl", "chunked", "one of ['dense', 'ring']"),
     ("data.read_threads", 0, "an int >= 1"),
