@@ -154,6 +154,11 @@ def check_access(url: str | os.PathLike[str]) -> None:
   key = _bucket(url)
   if key in _checked:
     return
+  if key[0] == "gs":
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    if importlib.util.find_spec("gcsfs") is None:
+      raise errors.ConfigError(f"{url}: gs:// paths need gcsfs (etils.epath's GCS backend without "
+                               "TensorFlow): pip install 'glip_jax[cloud]'.")
   tried = _gcs_tried() if key[0] == "gs" else _s3_tried()
   if tried is not None:
     raise errors.ConfigError(
