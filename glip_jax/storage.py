@@ -40,6 +40,17 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 logging.getLogger("gcsfs").setLevel(logging.WARNING)
 
 
+def _no_listing_cache() -> None:
+  """gcsfs caches directory listings forever by default: a watcher (or a resume check) would
+  never see a checkpoint another process wrote after its first listing. Listings are re-read."""
+  from fsspec import config  # pylint: disable=g-import-not-at-top
+  for protocol in ("gs", "gcs"):
+    config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_no_listing_cache()
+
+
 def is_remote(path: str | os.PathLike[str]) -> bool:
   """Whether `path` is on an object store (gs://, s3://) rather than a local filesystem."""
   return os.fspath(path).startswith(("gs://", "s3://"))
@@ -84,7 +95,9 @@ def upload(local: str | os.PathLike[str], target: str | os.PathLike[str]) -> Non
   """Copies a local file to `target` (one whole-object write on object stores)."""
   with open(local, "rb") as src:
     data = src.read()
-  path(target).write_bytes(data)
+  target = path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)  # a no-op on object stores
+  target.write_bytes(data)
 
 
 # ---------------------------------------------------------------------------- credentials

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,23 +100,28 @@ class ParquetSource:
         self._row_groups.append((shard, group))
         starts.append(starts[-1] + meta.row_group(group).num_rows)
     self._starts = starts
-    self._cache: tuple[int, dict[str, list[Any]]] | None = None
-    self._files: dict[int, Any] = {}
+    self._thread = threading.local()
 
   def __len__(self) -> int:
     return self._starts[-1]
 
   def __getstate__(self) -> dict[str, Any]:
-    # Open files and the row-group cache stay in the process that made them (Grain workers).
-    return {**self.__dict__, "_cache": None, "_files": {}}
+    # Open files and the row-group cache stay in the thread that made them: Grain's reader
+    # threads share this object, and its worker processes get a pickled copy.
+    return {k: v for k, v in self.__dict__.items() if k != "_thread"}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._thread = threading.local()
 
   def _read_row_group(self, index: int) -> dict[str, list[Any]]:
     import pyarrow.parquet as pq
 
     shard, group = self._row_groups[index]
-    if shard not in self._files:
-      self._files[shard] = pq.ParquetFile(storage.path(self.paths[shard]).open("rb"))
-    file = self._files[shard]
+    files = self._thread.__dict__.setdefault("files", {})
+    if shard not in files:
+      files[shard] = pq.ParquetFile(storage.path(self.paths[shard]).open("rb"))
+    file = files[shard]
     columns = [c for c in (self.image_column, self.caption_column, "key", "label")
                if c in file.schema_arrow.names]
     return file.read_row_group(group, columns=columns).to_pydict()
@@ -124,9 +130,10 @@ class ParquetSource:
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range for {len(self)} rows")
     group = bisect.bisect_right(self._starts, index) - 1
-    if self._cache is None or self._cache[0] != group:
-      self._cache = (group, self._read_row_group(group))
-    data, row = self._cache[1], index - self._starts[group]
+    cached = getattr(self._thread, "cache", None)  # this thread's last row group
+    if cached is None or cached[0] != group:
+      cached = self._thread.cache = (group, self._read_row_group(group))
+    data, row = cached[1], index - self._starts[group]
     image = data[self.image_column][row]
     if isinstance(image, dict):  # HF-style {'bytes': ..., 'path': ...}
       image = image.get("bytes")
