@@ -19,13 +19,21 @@ that the resumed run will compute again. `create_writer(..., resume_step=s)`
 removes lines with step > s from `metrics.jsonl` (so the file ends up equal to
 that of an uninterrupted run) and starts the event file with a TensorBoard
 "purge" marker at s + 1, so TensorBoard drops the stale events of the old run.
+
+Object storage (a gs:// or s3:// workdir; glip_jax/storage.py): objects cannot be appended to, so
+`metrics.jsonl` there is kept in memory and rewritten whole at every flush (one object upload:
+readers and a crash see the previous or the new file, never half of one), and tensorboardX writes
+its event file into a local staging folder that is uploaded to the workdir at every flush and on
+close. A kill -9 loses what was written since the last flush, as on local disk.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Mapping
@@ -35,6 +43,8 @@ from absl import logging
 import numpy as np
 import tensorboardX
 from tensorboardX import summary as tbx_summary
+
+from glip_jax import storage
 
 
 class SummaryWriter:
@@ -47,13 +57,25 @@ class SummaryWriter:
   """
 
   def __init__(self, logdir: str, purge_step: int | None = None):
+    # tensorboardX's own gs:// / s3:// writers need google-cloud-storage / boto3 and rewrite the
+    # object per record; on object storage we write locally and upload at each flush instead.
+    self._remote = os.fspath(logdir) if storage.is_remote(logdir) else None
+    local = tempfile.mkdtemp(prefix="glip_jax_tb_") if self._remote else logdir
     # tensorboardX names event files by whole seconds and opens them with
     # "wb": a second writer in the same second would clobber the first. The
     # zero-padded nanoseconds keep names unique and in time order.
     # flush_secs bounds how stale the event file can be after a kill -9.
     self._writer = tensorboardX.SummaryWriter(
-        logdir=logdir, purge_step=purge_step, flush_secs=30,
+        logdir=local, purge_step=purge_step, flush_secs=30,
         filename_suffix=f".{time.time_ns() % 10**9:09d}")
+    self._local = local
+
+  def _sync(self):
+    """Uploads the staged event file(s) to the object-store logdir (whole objects)."""
+    if self._remote is None:
+      return
+    for name in sorted(os.listdir(self._local)):
+      storage.upload(os.path.join(self._local, name), storage.path(self._remote) / name)
 
   def write_summaries(self, step: int, values: Mapping[str, Any],
                       metadata: Mapping[str, Any] | None = None):
@@ -105,9 +127,13 @@ class SummaryWriter:
 
   def flush(self):
     self._writer.flush()
+    self._sync()
 
   def close(self):
     self._writer.close()
+    self._sync()
+    if self._remote is not None:
+      shutil.rmtree(self._local, ignore_errors=True)
 
 
 def _register_tf_free_summary_writer():
@@ -147,15 +173,25 @@ class JsonlWriter:
 
   def __init__(self, path: str):
     self._path = path
-    # Append: a resumed job continues the file (see `truncate_after`).
-    self._file = open(path, "a", encoding="utf-8")
+    self._remote = storage.is_remote(path)
+    if self._remote:
+      # No append on object stores: the whole text is kept and rewritten at each flush.
+      target = storage.path(path)
+      self._text = [target.read_text()] if target.exists() else []
+      self._file = None
+    else:
+      # Append: a resumed job continues the file (see `truncate_after`).
+      self._file = open(path, "a", encoding="utf-8")
     self._step: int | None = None
     self._pending: dict[str, float] = {}
 
   def _write_pending(self):
     if self._pending:
-      line = json.dumps({"step": self._step, **self._pending})
-      self._file.write(line + "\n")
+      line = json.dumps({"step": self._step, **self._pending}) + "\n"
+      if self._remote:
+        self._text.append(line)
+      else:
+        self._file.write(line)
     self._pending = {}
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
@@ -187,11 +223,15 @@ class JsonlWriter:
 
   def flush(self):
     self._write_pending()
-    self._file.flush()
+    if self._remote:
+      storage.write_text_atomic(self._path, "".join(self._text))
+    else:
+      self._file.flush()
 
   def close(self):
     self.flush()
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
 metric_writers.MetricWriter.register(JsonlWriter)
@@ -218,7 +258,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _parse_lines(path: str) -> list[dict[str, Any]]:
   """Parsed lines; a torn last line (killed mid-write) is dropped."""
   records = []
-  with open(path, encoding="utf-8") as f:
+  with storage.path(path).open("r") as f:
     for line in f:
       try:
         records.append(json.loads(line))
@@ -229,14 +269,11 @@ def _parse_lines(path: str) -> list[dict[str, Any]]:
 
 def truncate_after(path: str, step: int) -> None:
   """Drops lines of a metrics.jsonl with step > `step` (call on resume)."""
-  if not os.path.exists(path):
+  if not storage.path(path).exists():
     return
   kept = [r for r in _parse_lines(path) if r.get("step", -1) <= step]
-  # Write-then-rename so a kill during truncation cannot lose the file.
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r) + "\n" for r in kept)
-  os.replace(tmp, path)
+  # Write-then-rename (an object store: one whole-object write) so a kill cannot lose the file.
+  storage.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics_jsonl(path: str) -> list[dict[str, Any]]:
@@ -258,8 +295,9 @@ def create_writer(workdir: str, *, just_logging: bool,
   log_writers = [metric_writers.LoggingWriter()] if verbose else []
   if just_logging:  # Processes > 0: all processes see the same metrics.
     return metric_writers.MultiWriter(log_writers)
-  os.makedirs(workdir, exist_ok=True)
-  jsonl_path = os.path.join(workdir, METRICS_FILENAME)
+  storage.check_access(workdir)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
+  jsonl_path = os.fspath(storage.path(workdir) / METRICS_FILENAME)
   purge_step = None
   if resume_step is not None:
     truncate_after(jsonl_path, resume_step)

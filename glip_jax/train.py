@@ -27,6 +27,7 @@ from glip_jax import logging as logging_lib
 from glip_jax import progress as progress_lib
 from glip_jax import run_spec as run_spec_lib
 from glip_jax import sharding as sharding_lib
+from glip_jax import storage
 from glip_jax import train_step as train_step_lib
 from glip_jax.data import pipeline
 from glip_jax.data import prefetch
@@ -63,7 +64,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                spec.duration_source)
   logging.info("Mesh %s over %d devices (%s), %d processes.", dict(mesh.shape), jax.device_count(),
                jax.devices()[0].device_kind, jax.process_count())
-  # Fails here, with the path and what is intact, rather than at the first save.
+  # Fails here, with the path and what is intact, rather than at the first save; a gs:// or s3://
+  # workdir without credentials fails here too, naming what was tried (glip_jax/storage.py).
+  storage.check_access(workdir)
   checkpointing.check_writable(checkpointing.checkpoint_dir(workdir))
 
   # ---------------------------------------------------------------- data

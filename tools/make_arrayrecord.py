@@ -10,7 +10,9 @@ Inputs (--input_format):
 Corrupt or undecodable images and empty captions are skipped and counted, never fatal. With
 --resize=N images are downscaled to shorter side N and re-encoded as JPEG, which cuts the training
 decode cost several-fold. Records follow glip_jax/data/records.py; shards are written as
-OUTPUT_DIR/PREFIX-00000.array_record, ... and a PREFIX-summary.json.
+OUTPUT_DIR/PREFIX-00000.array_record, ... and a PREFIX-summary.json. OUTPUT_DIR may be gs:// or
+s3://; --output_format=parquet writes PREFIX-00000.parquet shards instead (columns jpg, caption,
+key, label), which training reads straight from object storage (data.source='parquet').
 
 Example:
   python tools/make_arrayrecord.py --input_format=webdataset \
@@ -29,6 +31,7 @@ import multiprocessing
 import os
 import sys
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +41,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from glip_jax import paths  # noqa: E402
+from glip_jax import storage  # noqa: E402
 from glip_jax.data import records  # noqa: E402
 from glip_jax.data import synthetic  # noqa: E402
 from glip_jax.data import transforms  # noqa: E402
@@ -181,24 +185,42 @@ def _process_star(job: tuple[Raw, int, int]) -> tuple[bytes | None, str]:
 
 
 class ShardWriter:
-  """Writes records into PREFIX-NNNNN.array_record files of at most `per_shard` records."""
+  """Writes records into PREFIX-NNNNN.array_record (or .parquet) files of <= `per_shard` records.
 
-  def __init__(self, output_dir: str, prefix: str, per_shard: int):
-    os.makedirs(output_dir, exist_ok=True)
+  `output_dir` may be gs:// or s3:// (glip_jax/storage.py): array_record's writer is POSIX-only,
+  so each shard is written into a local staging folder and uploaded whole when it is closed (one
+  shard of local disk at a time); a killed conversion leaves only complete shards in the bucket.
+  """
+
+  def __init__(self, output_dir: str, prefix: str, per_shard: int, output_format: str = "arrayrecord",
+               row_group_size: int = 64):
+    self.remote = storage.is_remote(output_dir)
+    if self.remote:
+      storage.check_access(output_dir)
+      self._stage = tempfile.mkdtemp(prefix="glip_jax_convert_")
+    else:
+      os.makedirs(output_dir, exist_ok=True)
+      self._stage = output_dir
     self.output_dir, self.prefix, self.per_shard = output_dir, prefix, per_shard
+    self.output_format, self.row_group_size = output_format, row_group_size
+    self.extension = "parquet" if output_format == "parquet" else "array_record"
     self.paths: list[str] = []
     self._writer = None
     self._count = 0
 
   def write(self, record: bytes) -> None:
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     if self._writer is None or self._count == self.per_shard:
       self.close()
-      path = os.path.join(self.output_dir, f"{self.prefix}-{len(self.paths):05d}.array_record")
-      # group_size:1 keeps every record individually seekable (random access for shuffling).
-      self._writer = ArrayRecordWriter(path, "group_size:1")
-      self.paths.append(path)
+      name = f"{self.prefix}-{len(self.paths):05d}.{self.extension}"
+      self._local = os.path.join(self._stage, name)
+      if self.output_format == "parquet":
+        self._writer = _ParquetShard(self._local, self.row_group_size)
+      else:
+        from array_record.python.array_record_module import ArrayRecordWriter
+        # group_size:1 keeps every record individually seekable (random access for shuffling).
+        self._writer = ArrayRecordWriter(self._local, "group_size:1")
+      self.paths.append(os.fspath(storage.path(self.output_dir) / name)
+                        if self.remote else self._local)
       self._count = 0
     self._writer.write(record)
     self._count += 1
@@ -207,6 +229,38 @@ class ShardWriter:
     if self._writer is not None:
       self._writer.close()
       self._writer = None
+      if self.remote:
+        storage.upload(self._local, self.paths[-1])
+        os.remove(self._local)
+
+  def finish(self) -> None:
+    """Closes the last shard and removes the staging folder."""
+    self.close()
+    if self.remote:
+      os.rmdir(self._stage)
+
+
+class _ParquetShard:
+  """One Parquet shard of the records' fields (what data.source='parquet' reads)."""
+
+  def __init__(self, path: str, row_group_size: int):
+    self.path, self.row_group_size = path, row_group_size
+    self.rows: list[dict[str, Any]] = []
+
+  def write(self, record: bytes) -> None:
+    r = records.decode_record(record)
+    self.rows.append({"jpg": r["image_bytes"], "caption": list(r["captions"]),
+                      "key": str(r["key"]), "label": int(r["label"])})
+
+  def close(self) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("jpg", pa.binary()), ("caption", pa.list_(pa.string())),
+                        ("key", pa.string()), ("label", pa.int64())])
+    table = pa.Table.from_pylist(self.rows, schema=schema)
+    # Small row groups: the source reads one whole row group per random access.
+    pq.write_table(table, self.path, row_group_size=self.row_group_size)
 
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,7 +275,8 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     readers["csv"] = lambda: read_csv(paths, args)
     raws, total = readers[args.input_format](), None
 
-  writer = ShardWriter(args.output_dir, args.prefix, args.records_per_shard)
+  writer = ShardWriter(args.output_dir, args.prefix, args.records_per_shard, args.output_format,
+                       args.parquet_row_group_size)
   skipped: collections.Counter[str] = collections.Counter()
   written = 0
   jobs = ((raw, args.resize, args.jpeg_quality) for raw in raws)
@@ -235,7 +290,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         writer.write(record)
         written += 1
   finally:
-    writer.close()
+    writer.finish()
     if pool:
       pool.close()
       pool.join()
@@ -243,10 +298,10 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
       "written": written,
       "skipped": dict(sorted(skipped.items())),
       "shards": [os.path.basename(p) for p in writer.paths],
-      "pattern": os.path.join(args.output_dir, f"{args.prefix}-*.array_record"),
+      "pattern": os.fspath(storage.path(args.output_dir) / f"{args.prefix}-*.{writer.extension}"),
   }
-  with open(os.path.join(args.output_dir, f"{args.prefix}-summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  storage.write_text_atomic(storage.path(args.output_dir) / f"{args.prefix}-summary.json",
+                            json.dumps(summary, indent=2))
   return summary
 
 
@@ -256,7 +311,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   )
   p.add_argument("--input_format", required=True, choices=FORMATS)
   p.add_argument("--input", nargs="*", default=[], help="files or globs (tar / parquet / csv)")
-  p.add_argument("--output_dir", required=True)
+  p.add_argument("--output_dir", required=True, help="local folder, gs://… or s3://…")
+  p.add_argument("--output_format", default="arrayrecord", choices=("arrayrecord", "parquet"),
+                 help="parquet: read in place from object storage (data.source='parquet')")
+  p.add_argument("--parquet_row_group_size", type=int, default=64,
+                 help="parquet: rows per row group (the unit one random access reads)")
   p.add_argument("--prefix", default="data", help="shard file name prefix, e.g. train")
   p.add_argument("--records_per_shard", type=int, default=10_000)
   p.add_argument("--resize", type=int, default=0, help="shorter side in px; 0 keeps the bytes")

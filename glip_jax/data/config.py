@@ -11,7 +11,7 @@ from glip_jax import errors
 from glip_jax.data import sources
 from glip_jax.data import synthetic
 
-SOURCES = ("synthetic", "arrayrecord", "webdataset", "tfds", "karpathy")
+SOURCES = ("synthetic", "arrayrecord", "parquet", "webdataset", "tfds", "karpathy")
 
 
 def default_source_config() -> ml_collections.ConfigDict:
@@ -36,6 +36,13 @@ def default_source_config() -> ml_collections.ConfigDict:
   # source (img2dataset .tar files): a glob, a `{00000..00099}` range, comma-separated globs or a
   # list.
   cfg.paths = ""
+  # Parquet shards read in place, also from gs:// / s3:// (sources.ParquetSource; `paths` above).
+  cfg.parquet = ml_collections.ConfigDict(
+      dict(
+          image_column="jpg",  # encoded image bytes (or an HF {'bytes': ...} struct)
+          caption_column="caption",  # a string or a list of strings
+      )
+  )
   # Webdataset .tar shards read in place (glip_jax/data/webdataset.py).
   cfg.webdataset = ml_collections.ConfigDict(
       dict(
@@ -153,6 +160,13 @@ def validate_source_config(cfg: Any, prefix: str = "") -> None:
           "a glob, comma-separated globs or a list of ArrayRecord shard paths "
           "(make them with tools/make_arrayrecord.py)",
       )
+  elif cfg.source == "parquet":
+    if not cfg.paths:
+      _fail(f"{prefix}paths", cfg.paths, "a glob, comma-separated globs or a list of Parquet "
+            "shard paths, local or gs:// / s3:// (tools/make_arrayrecord.py --output_format=parquet)")
+    for field in ("image_column", "caption_column"):
+      if not cfg.parquet[field]:
+        _fail(f"{prefix}parquet.{field}", cfg.parquet[field], "a column name")
   elif cfg.source == "webdataset":
     if not cfg.paths:
       _fail(f"{prefix}paths", cfg.paths, "a glob, range or list of webdataset .tar shard paths")

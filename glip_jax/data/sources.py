@@ -14,15 +14,17 @@ processes and index them in any order.
 
 from __future__ import annotations
 
-import glob
+import bisect
 import json
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from glip_jax import paths as paths_lib
+from glip_jax import storage
 from glip_jax.data import records
 from glip_jax.data import synthetic
 from glip_jax.data import webdataset
@@ -30,11 +32,13 @@ from glip_jax.data import webdataset
 Record = dict[str, Any]
 
 
-def expand_paths(paths: str | Sequence[str]) -> list[str]:
-  """Expands a glob, a comma-separated string or a list of paths/globs into sorted shard paths."""
+def expand_paths(paths: str | Sequence[str], kind: str = "ArrayRecord") -> list[str]:
+  """Expands a glob, a comma-separated string or a list of paths/globs into sorted shard paths.
+
+  Local, gs:// and s3:// globs alike (glip_jax/storage.py).
+  """
   return paths_lib.expand_patterns(
-      paths, lambda pattern: sorted(glob.glob(os.path.expanduser(pattern))),
-      empty="ArrayRecord shard paths or a glob",
+      paths, storage.glob, empty=f"{kind} shard paths or a glob",
       no_match="matches no file; create shards with tools/make_arrayrecord.py (see docs/data.md)")
 
 
@@ -45,6 +49,14 @@ class ArrayRecordSource:
     import grain  # Deferred: importing grain is only needed when this source is used.
 
     self.paths = expand_paths(paths)
+    remote = [p for p in self.paths if storage.is_remote(p)]
+    if remote:
+      # array_record opens files with its own C++ file layer (POSIX only): no gs:// or s3://.
+      raise ValueError(
+          f"data.paths: ArrayRecord shards cannot be read from object storage ({remote[0]}): "
+          "mount the bucket (gcsfuse / mountpoint-s3, see docs/launching.md) and give the mounted "
+          "path, or convert to Parquet shards (data.source='parquet', read natively from gs:// "
+          "and s3://).")
     self._source = grain.sources.ArrayRecordDataSource(self.paths)
 
   def __len__(self) -> int:
@@ -55,6 +67,88 @@ class ArrayRecordSource:
 
   def __repr__(self) -> str:
     return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} records)"
+
+
+class ParquetSource:
+  """Parquet shards read in place, locally or straight from gs:// / s3:// (no copy, no mount).
+
+  Columns: `image_column` (encoded image bytes, or an HF-style {'bytes': ...} struct) and
+  `caption_column` (a string or a list of strings); `key`/`label` when present. Random access goes
+  by row group: an index lookup reads (and caches) the one row group holding it, so shards should
+  be written with small row groups (tools/make_arrayrecord.py --output_format=parquet writes
+  `--parquet_row_group_size` rows each, 64 by default). Grain's global shuffle then reads a row
+  group once per example in it at worst; its prefetching hides the latency of object storage.
+  """
+
+  def __init__(self, paths: str | Sequence[str], image_column: str = "jpg",
+               caption_column: str = "caption"):
+    import pyarrow.parquet as pq  # Deferred: only this source needs it.
+
+    self.paths = expand_paths(paths, kind="Parquet")
+    self.image_column, self.caption_column = image_column, caption_column
+    self._row_groups: list[tuple[int, int]] = []  # (shard, row group) in order
+    starts = [0]
+    for shard, path in enumerate(self.paths):
+      with storage.path(path).open("rb") as f:
+        meta = pq.ParquetFile(f).metadata
+        names = meta.schema.to_arrow_schema().names
+      for field, column in (("image_column", image_column), ("caption_column", caption_column)):
+        if column not in names:
+          raise ValueError(f"data.parquet.{field}={column!r} is not a column of {path}; "
+                           f"columns: {names}")
+      for group in range(meta.num_row_groups):
+        self._row_groups.append((shard, group))
+        starts.append(starts[-1] + meta.row_group(group).num_rows)
+    self._starts = starts
+    self._thread = threading.local()
+
+  def __len__(self) -> int:
+    return self._starts[-1]
+
+  def __getstate__(self) -> dict[str, Any]:
+    # Open files and the row-group cache stay in the thread that made them: Grain's reader
+    # threads share this object, and its worker processes get a pickled copy.
+    return {k: v for k, v in self.__dict__.items() if k != "_thread"}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._thread = threading.local()
+
+  def _read_row_group(self, index: int) -> dict[str, list[Any]]:
+    import pyarrow.parquet as pq
+
+    shard, group = self._row_groups[index]
+    files = self._thread.__dict__.setdefault("files", {})
+    if shard not in files:
+      files[shard] = pq.ParquetFile(storage.path(self.paths[shard]).open("rb"))
+    file = files[shard]
+    columns = [c for c in (self.image_column, self.caption_column, "key", "label")
+               if c in file.schema_arrow.names]
+    return file.read_row_group(group, columns=columns).to_pydict()
+
+  def __getitem__(self, index: int) -> Record:
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} rows")
+    group = bisect.bisect_right(self._starts, index) - 1
+    cached = getattr(self._thread, "cache", None)  # this thread's last row group
+    if cached is None or cached[0] != group:
+      cached = self._thread.cache = (group, self._read_row_group(group))
+    data, row = cached[1], index - self._starts[group]
+    image = data[self.image_column][row]
+    if isinstance(image, dict):  # HF-style {'bytes': ..., 'path': ...}
+      image = image.get("bytes")
+    caption = data[self.caption_column][row]
+    captions = [str(c) for c in (caption if isinstance(caption, list) else [caption])
+                if c is not None and str(c).strip()]
+    shard = self._row_groups[group][0]
+    key = data["key"][row] if "key" in data else (
+        f"{os.path.splitext(os.path.basename(self.paths[shard]))[0]}/{index}")
+    label = data["label"][row] if "label" in data else -1
+    return {"image_bytes": image, "captions": captions, "key": str(key),
+            "label": -1 if label is None else int(label)}
+
+  def __repr__(self) -> str:
+    return f"ParquetSource({len(self.paths)} shards, {len(self)} rows)"
 
 
 def _get_path(tree: Any, path: str) -> Any:
@@ -240,6 +334,9 @@ def source_from_config(cfg: Any, split: str | None = None) -> Any:
     )
   if cfg.source == "arrayrecord":
     return ArrayRecordSource(cfg.paths)
+  if cfg.source == "parquet":
+    p = cfg.get("parquet", {})
+    return ParquetSource(cfg.paths, p.get("image_column", "jpg"), p.get("caption_column", "caption"))
   if cfg.source == "webdataset":
     w = cfg.get("webdataset", {})
     return webdataset.WebDatasetSource(
@@ -255,5 +352,5 @@ def source_from_config(cfg: Any, split: str | None = None) -> Any:
     return KarpathySource(k.json_path, k.image_dir, split or k.split)
   raise ValueError(
       f"data.source={cfg.source!r}; allowed: "
-      "('synthetic', 'arrayrecord', 'webdataset', 'tfds', 'karpathy')"
+      "('synthetic', 'arrayrecord', 'parquet', 'webdataset', 'tfds', 'karpathy')"
   )

@@ -5,8 +5,9 @@ are from OpenAI CLIP's notebook `notebooks/Prompt_Engineering_for_ImageNet.ipynb
 the 80 ImageNet templates and the 7-template subset the notebook found to work about as well.
 """
 import json
-import os
 from collections.abc import Sequence
+
+from glip_jax import storage
 
 PLACEHOLDER = "{}"
 
@@ -134,8 +135,7 @@ def prompts_for_class(templates: Sequence[str], classname: str) -> list[str]:
 
 def _read_string_list(path: str, json_key: str) -> list[str]:
   """Strings from a JSON file (list, or dict with `json_key`) or a text file (one per line)."""
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = storage.path(path).read_text()  # local, gs:// or s3:// (glip_jax/storage.py)
   if path.endswith(".json"):
     data = json.loads(text)
     if isinstance(data, dict):
@@ -161,8 +161,7 @@ def load_classnames(path: str) -> tuple[str, ...]:
   0..C-1 to its name.
   """
   if path.endswith(".json"):
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
+    data = json.loads(storage.path(path).read_text())
     if isinstance(data, dict) and "classnames" not in data:
       indices = sorted(int(k) for k in data)
       if indices != list(range(len(indices))):
@@ -180,7 +179,7 @@ def resolve_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
     return validate_templates(spec)
   if spec in TEMPLATE_SETS:
     return TEMPLATE_SETS[spec]
-  if os.path.exists(spec):
+  if storage.path(spec).exists():
     return load_templates(spec)
   raise ValueError(
       f"Unknown template set {spec!r}: use one of {sorted(TEMPLATE_SETS)} or an existing file.")

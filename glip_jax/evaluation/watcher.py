@@ -33,6 +33,7 @@ from glip_jax import logging as logging_lib
 from glip_jax import paths
 from glip_jax import report
 from glip_jax import sharding as sharding_lib
+from glip_jax import storage
 from glip_jax import train
 from glip_jax.evaluation import builder
 from glip_jax.models import clip as clip_lib
@@ -74,15 +75,11 @@ def read_record(workdir: str | os.PathLike[str]) -> set[int]:
 
 
 def _write_record(workdir: str | os.PathLike[str], steps: set[int]) -> None:
-  path = os.fspath(eval_dir(workdir) / RECORD_FILENAME)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"steps": sorted(steps)}, f)
-    f.flush()
-    os.fsync(f.fileno())
-  # A kill between the two lines leaves the old record: the step is then evaluated again, and
-  # its metrics line repeated (read_metrics_jsonl merges repeated steps).
-  os.replace(tmp, path)
+  # Temporary file + rename locally, one whole-object write on gs:// / s3://: a kill leaves the
+  # old record, and the step is then evaluated again, its metrics line repeated
+  # (read_metrics_jsonl merges repeated steps).
+  storage.write_text_atomic(eval_dir(workdir) / RECORD_FILENAME,
+                            json.dumps({"steps": sorted(steps)}))
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -152,6 +149,7 @@ def run_watcher(config: ml_collections.ConfigDict, workdir: str | os.PathLike[st
     print(summary_table(config, results, f"{os.fspath(step_dir)} (step {step})"))
     return results
 
+  storage.check_access(workdir)
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
   out_dir = eval_dir(workdir)
   out_dir.mkdir(parents=True, exist_ok=True)
