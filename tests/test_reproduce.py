@@ -154,7 +154,7 @@ def test_the_grid_has_every_selection_kind_and_the_papers_ratios():
   assert c.data.synthetic.center_bias == 0.0
   assert c.evals.shape.dataset.synthetic.center_bias == 0.0
   tune = reproduce.tune_config(glip_run, sizes, "/x/train")
-  assert (tune.init_from.path, tune.masking.kind, tune.total_steps) == ("/x/train", "none", 40)
+  assert (tune.init_from.path, tune.masking.kind, tune.total_steps) == ("/x/train", "none", 30)
   assert sorted(tune.evals) == ["shape"]
 
 
@@ -177,6 +177,7 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path):
   methods, sizes, runs = reproduce.study(reproduce.parse_args(["--quick"]))
   assert [r.path for r in runs] == ["centred/clip_r0/s0/train", "centred/glip_r0.5/s0/train",
                                     "centred/glip_r0.5/s0/tune"]
+  assert len(methods) == 2 and sizes == reproduce.QUICK
   calls = []
   with pytest.raises(KeyboardInterrupt):  # killed during the second run
     reproduce.run_study(runs, root, sizes, _fake_trainer(calls, kill_at=2), log=lambda s: None)

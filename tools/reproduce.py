@@ -111,7 +111,7 @@ class Sizes:
   warmup: int = 30
   evals_per_run: int = 5  # in-loop evaluations (the accuracy-vs-compute curves)
   eval_size: int = 512
-  tune_steps: int = 40
+  tune_steps: int = 30
   tune_lr: float = 1.5e-4
   keep_map_draws: int = 400
 
@@ -139,19 +139,34 @@ class Run:
     return f"{self.cell}/{self.phase}"
 
 
+# Execution order: the papers' main comparisons first, each over all seeds, so that a study cut
+# short (a deadline, a kill) has whole comparisons with error bars rather than one seed of all.
+PRIORITY = (
+    ("centred", ("clip", "flip", "glip"), (0.0, 0.5)),
+    ("centred", ("flip", "glip"), (0.918,)),
+    ("centred", ("aclip", "aclip_random"), None),
+    ("uncentred", ("clip", "flip", "glip"), (0.0, 0.5)),
+    ("centred", ("flip", "glip"), (0.75,)),
+    ("centred", None, None),  # every other kind
+    ("uncentred", None, None),  # the rest of the uncentred grid
+)
+
+
 def plan(methods: Sequence[Method], seeds: int, uncentred: Iterable[str]) -> list[Run]:
-  """Every run of the study in execution order (seed-major, so a cut study has whole seeds)."""
+  """Every run of the study in execution order: PRIORITY's tiers, each seed-major."""
   uncentred = set(uncentred)
-  runs = []
-  for seed in range(seeds):
-    for data in VARIANTS:
-      for m in methods:
-        if data != "centred" and m.key not in uncentred:
-          continue
-        for ratio in m.ratios:
-          runs.append(Run(data, m, ratio, seed, "train"))
-          if m.tune:
-            runs.append(Run(data, m, ratio, seed, "tune"))
+  cells = [(data, m, ratio) for data in VARIANTS for m in methods for ratio in m.ratios
+           if data == "centred" or m.key in uncentred]
+  runs, placed = [], set()
+  for data, keys, ratios in PRIORITY:
+    tier = [c for c in cells if c[0] == data and (keys is None or c[1].key in keys)
+            and (ratios is None or c[2] in ratios) and (c[0], c[1].key, c[2]) not in placed]
+    placed |= {(c[0], c[1].key, c[2]) for c in tier}
+    for seed in range(seeds):
+      for data_, m, ratio in tier:
+        runs.append(Run(data_, m, ratio, seed, "train"))
+        if m.tune:
+          runs.append(Run(data_, m, ratio, seed, "tune"))
   return runs
 
 
@@ -257,6 +272,7 @@ def execute(run: Run, root: str, sizes: Sizes, train_fn: TrainFn = _default_trai
       seed=run.seed, phase=run.phase, steps=config.total_steps, batch=config.batch_size,
       flops_per_example=_flops_per_example(workdir),
       wall_s=time.perf_counter() - start,
+      load_avg=os.getloadavg()[1],  # the machine's 5-min load at the end: wall times need it
       curve={"unmasked": _curve(workdir, EVAL), "masked": _curve(workdir, MASKED_EVAL)})
   record["pflop"] = record["steps"] * record["batch"] * record["flops_per_example"] / 1e15
   tmp = result_path + ".tmp"
@@ -533,6 +549,7 @@ def plot_vs_ratio(results: Results, data_variants: Sequence[str], path: str) -> 
                       color=colour, capsize=3, label=label, alpha=0.9 if style == "-" else 0.6)
     ax.axhline(100 * CHANCE, color="grey", lw=0.8, ls=":")
     ax.set_title(COLUMN_TITLES[column], fontsize=9)
+    ax.set_xlim(-0.05, 0.97)
     ax.set_xlabel("mask ratio")
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("zero-shot shape top-1 (%)")
@@ -555,8 +572,7 @@ def plot_keep_maps(methods: Sequence[Method], sizes: Sizes, path: str) -> list[s
   config = train_config(Run("centred", methods[0], methods[0].ratios[0], 0, "train"), sizes)
   images = visualize.example_images(config, 3)
   fig, _ = visualize.masks_figure(specs, images, patch_size=4, draws=sizes.keep_map_draws, scale=3)
-  fig.set_size_inches(6.5, 1.35 * len(specs))
-  fig.savefig(path, dpi=70)
+  fig.savefig(path, dpi=60)  # small enough for git (< 150 KB for the whole grid's strategies)
   visualize.pyplot().close(fig)
   return names
 
@@ -661,12 +677,31 @@ def discussion(results: Results, found: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
+def coverage_table(records: Sequence[Mapping], methods: Sequence[Method], seeds: int) -> str:
+  """Finished training runs per method, ratio and data, their mean wall time and load."""
+  rows = []
+  for data in VARIANTS:
+    for m in methods:
+      for ratio in m.ratios:
+        rs = [r for r in records if (r["data"], r["method"], float(r["ratio"]), r["phase"])
+              == (data, m.key, float(ratio), "train")]
+        if not rs:
+          continue
+        tunes = [r for r in records if (r["data"], r["method"], float(r["ratio"]), r["phase"])
+                 == (data, m.key, float(ratio), "tune")]
+        rows.append([data, m.label + (f" {ratio:g}" if m.masked else ""),
+                     f"{len(rs)} of {seeds}", str(len(tunes)) if m.tune else "–",
+                     f"{np.mean([r['wall_s'] for r in rs]):.0f}",
+                     f"{np.mean([r.get('load_avg', float('nan')) for r in rs]):.1f}"])
+  return _table(["data", "run", "seeds finished", "tunings", "wall s / run", "load avg"], rows)
+
+
 def _wall(records: Sequence[Mapping]) -> str:
   return f"{sum(r['wall_s'] for r in records) / 60:.1f} min"
 
 
 def write_doc(root: str, doc: str, methods: Sequence[Method], sizes: Sizes, planned: int,
-              command: str, elapsed_note: str = "") -> str:
+              command: str, planned_seeds: int, elapsed_note: str = "") -> str:
   """Regenerates `doc` (and its PNGs in <doc without .md>/) from the result files under `root`."""
   records = load_results(root)
   results = Results(records)
@@ -739,6 +774,9 @@ def write_doc(root: str, doc: str, methods: Sequence[Method], sizes: Sizes, plan
           f"Keep-probability maps ({sizes.keep_map_draws} draws over three training images, "
           f"centred scenes) of {', '.join(names)}, with one draw on each image. A-CLIP's "
           "attentive masking follows its teacher's attention and has no map without one.", ""]
+  out += ["## Runs", "", coverage_table(records, methods, planned_seeds), "",
+          "Per-run compute is in the compute-matched tables (TFLOP) and each run's wall time "
+          "in its `result.json` (`wall_s`, with the machine's load average `load_avg`).", ""]
   out += ["## Discussion", "", discussion(results, found), "", DISCUSSION_NOTES, ""]
   text = "\n".join(out)
   with open(doc, "w", encoding="utf-8") as f:
@@ -828,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   command = "python tools/reproduce.py" + (" --quick" if args.quick else "") + "".join(
       f" {a}" for a in (argv if argv is not None else sys.argv[1:])
       if not a.startswith(("--root", "--doc", "--quick", "--report_only")))
-  write_doc(root, args.doc, methods, sizes, len(runs), command)
+  write_doc(root, args.doc, methods, sizes, len(runs), command, 1 if args.quick else args.seeds)
   print(f"Wrote {args.doc}.")
   return 0
 
