@@ -119,6 +119,20 @@ def test_tables_show_the_aggregates(results):
   assert "| A-CLIP 0.5 | end of training | 1500000.0 | 600.00 | 55.0 | – | – |" in compute
 
 
+def test_effects_and_the_closing_note_quote_the_aggregates(results):
+  methods = [m for m in reproduce.default_methods() if m.key in ("clip", "flip", "glip")]
+  table, found = reproduce.effects_table(results, methods)
+  # GLIP − FLIP at 50%, unmasked, seed 0 only: 0.45 − 0.30; the paper's 37.1 − 36.1.
+  assert "| GLIP − FLIP, 0.5, Unmasking | centred | +1.0 | +15.0 | same sign (1 seed) |" in table
+  assert "| GLIP − FLIP, 0.75, Inference | centred | +2.6 | – | not run |" in table
+  assert "uncentred" not in table  # no uncentred run: those rows are left out
+  assert sum(f["ours"] is not None for f in found) == 2  # 50%: FLIP has no tuning run
+  note = reproduce.closing_note(results, methods)
+  assert note == ("*centred* (Inference / Unmasking / After Tuning): CLIP – / 55.0 ± 7.1 / – "
+                  "(2 seeds); FLIP 50% 25.0 / 30.0 / – (1 seed); GLIP 50% 30.0 ± 14.1 / "
+                  "40.0 ± 7.1 / 55.0 ± 7.1 (2 seeds).")
+
+
 def test_verdicts():
   assert reproduce.verdict(1.5, reproduce.Stat(3, 0.05, 0.01, 0.02)) == "**reproduces**"
   assert reproduce.verdict(1.5, reproduce.Stat(3, 0.01, 0.02, 0.05)) == "same sign, within noise"
