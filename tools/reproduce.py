@@ -676,6 +676,12 @@ def discussion(results: Results, found: Sequence[dict]) -> str:
                + (f" ({_count(run, 'same sign (1 seed)', 'opposite sign (1 seed)')} from one seed, "
                   "no CI)" if _count(run, 'same sign (1 seed)', 'opposite sign (1 seed)') else "")
                + ".")
+  clip = results.cell("centred", "clip", 0.0, "unmasked")
+  if clip is not None and clip.mean < 2 * CHANCE:
+    lines.append(f"Caution: unmasked CLIP reaches only {clip.format()}% (chance "
+                 f"{100 * CHANCE:.1f}%): these runs are too short for the models to have learned "
+                 "shape well, so the differences below are mostly noise, not evidence against "
+                 "the papers; longer runs (more `--steps`) are needed to rank the methods.")
   for f in run:
     if f["name"].endswith("Unmasking") and f["name"].startswith("GLIP − FLIP, 0.5"):
       lines.append(f"- GLIP vs FLIP at 50%, unmasked inference, {f['data']} scenes: "
