@@ -29,6 +29,13 @@ test-slow: $(VENV)
 benchmark: $(VENV)
 	$(BIN)/python tools/benchmark.py --config=configs/demo.py
 
+# The papers' masking claims on the synthetic scenes: every strategy, three ratios, three seeds →
+# docs/experiments.md (~40 min on an idle 2-core CPU; finished runs in runs/reproduce are skipped).
+REPRODUCE_FLAGS ?=  # e.g. REPRODUCE_FLAGS=--quick (1 seed, CLIP and GLIP 50%) or --seeds=5
+.PHONY: reproduce
+reproduce: $(VENV)
+	$(BIN)/python tools/reproduce.py $(REPRODUCE_FLAGS)
+
 # After a tested upgrade in .venv: write its exact set (comment header kept) to requirements.lock.
 lock: $(VENV)
 	{ grep '^#' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable \
