@@ -260,6 +260,7 @@ def _mixture_iterator(globs, weights):
     source.source, source.paths = "arrayrecord", path
     components.append((source, weight))
   cfg.mixture = components
+  cfg.read_threads = 1
   return pipeline.make_train_iterator(
       cfg, global_batch_size=16, image_size=8, seed=0, tokenizer=Tokenizer(context_length=4),
       shard_options=grain.sharding.ShardOptions(0, 1, drop_remainder=True))
@@ -275,6 +276,7 @@ def _binomial_bound(n, p, sigmas=4.0):
   return sigmas * math.sqrt(n * p * (1 - p))
 
 
+@pytest.mark.slow  # ~700 examples through Grain: seconds on 2 cores, too many for `make test`
 def test_mixture_proportions_over_many_batches_and_across_a_resume(two_sources):
   it = _mixture_iterator(two_sources, (1.0, 3.0))
   first = [next(it) for _ in range(12)]
@@ -297,3 +299,267 @@ def test_mixture_proportions_over_many_batches_and_across_a_resume(two_sources):
   other = _mixture_iterator(two_sources, (3.0, 1.0))
   from_b, n = _share_of_b([next(other) for _ in range(8)])
   assert abs(from_b - 0.25 * n) <= _binomial_bound(n, 0.25)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training runs (slow): one reference, and variants that must train like it.
+
+def _tiny(arg="", **overrides):
+  config = _non_square(tiny_config(arg))
+  config.total_steps = 3
+  config.checkpoint_every_steps = 0  # one checkpoint, at the end
+  return _set(config, **overrides)
+
+
+def _small_evals(arg, names):
+  evals = demo.get_config(arg).evals
+  out = {}
+  for name in names:
+    entry = evals[name]
+    entry.update(batch_size=16, every_steps=3)
+    entry.dataset.synthetic.eval_size = 32
+    out[name] = entry
+  return out
+
+
+def _train(tmp_path_factory, name, config):
+  workdir = str(tmp_path_factory.mktemp(name))
+  summary = train.train_and_evaluate(config, workdir)
+  return workdir, summary
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """3 steps of the tiny model on 48×32 images, Gaussian masking at 50%, evaluated at the end."""
+  config = _tiny()
+  # Zero-shot with the training (Gaussian) masking on the 6×4 grid, and retrieval unmasked.
+  config.evals = _small_evals("", ["shape_masked", "retrieval"])
+  return _train(tmp_path_factory, "reference", config)
+
+
+@pytest.mark.slow
+def test_non_square_images_train_with_gaussian_masking_and_evaluate(reference):
+  workdir, summary = reference
+  assert sorted(read_losses(workdir)) == [1, 2, 3]
+  assert all(np.isfinite(v) for v in read_losses(workdir).values())
+  assert summary["kept_tokens"] == 12  # half of the 6×4 grid
+  for key in ("eval/shape_masked/zeroshot_top1", "eval/retrieval/i2t_recall_at_1"):
+    assert 0.0 <= summary[key] <= 1.0
+  assert checkpointing.load_config(workdir)["model"]["image_size"] == list(NON_SQUARE)
+
+
+@pytest.mark.slow
+def test_non_square_images_train_with_aclip_and_evaluate(tmp_path_factory):
+  config = _tiny("aclip", total_steps=2)
+  config.evals = _small_evals("aclip", ["shape"])
+  config.evals.shape.every_steps = 2
+  workdir, summary = _train(tmp_path_factory, "aclip", config)
+  assert sorted(read_losses(workdir)) == [1, 2]
+  # 6×4 grid in 2×2 blocks = 3×2 blocks; the top ceil(6 · 0.5) = 3 blocks = 12 patches per view.
+  assert summary["kept_tokens"] == 12
+  assert np.isfinite(summary["loss_simclr"]) and np.isfinite(summary["loss_byol"])
+  assert 0.0 <= summary["eval/shape/zeroshot_top1"] <= 1.0
+
+
+def _compare(workdir, reference_dir, key, rtol, atol=0.0):
+  got, want = _per_step(workdir, key), _per_step(reference_dir, key)
+  assert sorted(got) == sorted(want) == [1, 2, 3]
+  for step in want:
+    print(f"{key} step {step}: {got[step]!r} vs {want[step]!r} "
+          f"(diff {abs(got[step] - want[step]):.3g})")
+  np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=rtol, atol=atol)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_mesh_trains_like_data_parallel(reference, tmp_path_factory):
+  config = _tiny(mesh__data=-1, mesh__tensor=2)  # 4 × data, 2 × tensor
+  spec = run_spec.build(config)
+  assert dict(spec.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+  # The run is not data-parallel in disguise: some parameters are split over 'tensor'.
+  from glip_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+
+  params = sharding_lib.abstract_params(clip_lib.build_model(config.model), config.model,
+                                        spec.mesh)
+  assert any("tensor" in jax.tree.leaves(tuple(p.sharding.spec)) for p in jax.tree.leaves(params))
+  workdir, _ = _train(tmp_path_factory, "tensor", config)
+  # Same batches, same math; only the reduction order of the split matmuls differs (float32).
+  _compare(workdir, reference[0], "loss", rtol=1e-5)
+  _compare(workdir, reference[0], "grad_norm", rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_remat_training_step_equals_the_plain_one(reference, tmp_path_factory):
+  workdir, _ = _train(tmp_path_factory, "remat", _tiny(model__remat=True))
+  # Rematerialisation recomputes the same float32 ops in the backward pass.
+  _compare(workdir, reference[0], "loss", rtol=1e-6)
+  _compare(workdir, reference[0], "grad_norm", rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_bfloat16_training_step_is_close_to_float32(reference, tmp_path_factory):
+  workdir, _ = _train(tmp_path_factory, "bf16", _tiny(model__dtype="bfloat16"))
+  # bfloat16 keeps 8 significant bits: unit roundoff u = 2^-8. The logits and the loss are float32,
+  # so the loss carries the towers' rounding: within 2u of float32 (measured 0.19%). The gradient
+  # also goes through the bf16 backward pass: within 8u (measured 0.7%).
+  _compare(workdir, reference[0], "loss", rtol=2 * 2**-8)
+  _compare(workdir, reference[0], "grad_norm", rtol=8 * 2**-8)
+  assert read_losses(workdir)[1] != read_losses(reference[0])[1]  # the compute dtype did change
+
+
+@pytest.mark.slow
+def test_grain_worker_processes_inside_the_trainer_give_the_same_run(reference, tmp_path_factory):
+  workdir, _ = _train(tmp_path_factory, "workers",
+                      _tiny(data__worker_count=2, data__worker_buffer_size=1))
+  assert read_losses(workdir) == read_losses(reference[0])  # bit-identical batches and steps
+
+
+def _opt_states(config, *workdirs):
+  """The optimizer state saved in each workdir (one abstract state for all)."""
+  spec = run_spec.build(config)
+  model = clip_lib.build_model(config.model)
+  tx, _ = train_step_lib.make_optimizer(config.optim, spec.total_steps)
+  state, shardings = spec.method.create_train_state(model, tx, config.model, spec.mesh,
+                                                    config.seed, spec.method_spec)
+  abstract = checkpointing.abstract_like(state, shardings).opt_state
+  return [checkpointing.restore_subtrees(w, {"opt_state": abstract})["opt_state"]
+          for w in workdirs]
+
+
+def _counts(opt_state):
+  leaves = jax.tree_util.tree_leaves_with_path(opt_state)
+  return sorted({int(v) for path, v in leaves if "count" in jax.tree_util.keystr(path)})
+
+
+@pytest.mark.slow
+def test_init_from_with_the_optimizer_state_continues_adam(reference, tmp_path_factory):
+  config = _tiny(init_from__path=reference[0], init_from__optimizer_state=True, total_steps=1)
+  workdir, _ = _train(tmp_path_factory, "opt_state", config)
+  before, after = _opt_states(config, reference[0], workdir)
+  assert _counts(before) == [3]
+  assert _counts(after) == [4]  # Adam's step count went on from the 3 restored steps, not from 0
+  # Adam's moments went on from the restored ones. The step's gradient was clipped to norm
+  # exactly 1 (its raw norm is > 1), so with g that clipped gradient:
+  #   ‖mu_after − b1 · mu_before‖ = (1 − b1) · ‖g‖ = 1 − b1,
+  #   Σ (nu_after − b2 · nu_before) = (1 − b2) · ‖g‖² = 1 − b2.
+  # From a fresh state (mu = nu = 0) the second would be off by b2 · Σ nu_before.
+  assert _per_step(workdir, "grad_norm")[1] > config.optim.grad_clip_norm == 1.0
+  b1, b2 = config.optim.b1, config.optim.b2
+
+  def moments(state, name):
+    return [np.asarray(v, np.float64) for p, v in jax.tree_util.tree_leaves_with_path(state)
+            if f".{name}" in jax.tree_util.keystr(p)]
+
+  mu_b, mu_a, nu_b, nu_a = (moments(before, "mu"), moments(after, "mu"), moments(before, "nu"),
+                            moments(after, "nu"))
+  assert mu_b and len(mu_b) == len(mu_a) == len(nu_b) == len(nu_a)
+  mu_step = math.sqrt(sum(((a - b1 * b) ** 2).sum() for a, b in zip(mu_a, mu_b)))
+  nu_step = sum((a - b2 * b).sum() for a, b in zip(nu_a, nu_b))
+  assert mu_step == pytest.approx(1 - b1, rel=1e-3)
+  assert nu_step == pytest.approx(1 - b2, rel=1e-3)
+  assert b2 * sum(b.sum() for b in nu_b) > 1 - b2  # restoring nothing would break the check
+
+
+@pytest.mark.slow
+def test_sigmoid_loss_trains_and_the_loss_falls(tmp_path_factory):
+  config = _tiny(loss__kind="sigmoid", model__logit_bias_init=-10.0,
+                 model__logit_scale_init=math.log(10.0), total_steps=6)
+  workdir, _ = _train(tmp_path_factory, "sigmoid", config)
+  losses = read_losses(workdir)
+  assert sorted(losses) == list(range(1, 7))
+  # SigLIP's loss at init: positives cost −log σ(10·cos − 10) ≈ 10 − 10·cos with the untrained
+  # cosines near 0, each of the 15 negatives per row only ≈ e^−10; so ≈ 10 (softmax: ≈ log 16).
+  assert 9.0 < losses[1] < 11.5
+  assert losses[6] < 0.6 * losses[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's commands through glip_jax.main, and the benchmark (subprocesses; slow).
+
+ENV_2 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+# The tiny model, 6 steps with a checkpoint every 2, the demo's evaluators on 64 test images
+# (in-loop at step 6 in the default mode).
+CLI_FLAGS = ([f"--config.{k}={v}" for k, v in OVERRIDES.items()
+              if k not in ("total_steps", "checkpoint_every_steps")]
+             + ["--config.total_steps=6", "--config.checkpoint_every_steps=2"]
+             + [f"--config.evals.{name}.{field}={value}"
+                for name in ("shape", "retrieval", "shape_masked")
+                for field, value in (("batch_size", 64), ("dataset.synthetic.eval_size", 64),
+                                     ("every_steps", 6))])
+
+
+def _readme_commands():
+  """The README's `python -m glip_jax.main` lines on the demo config, by what they do."""
+  lines = [line for line in _readme_block("The command line").splitlines()
+           if line.startswith("python -m glip_jax.main --config=configs/demo.py ")]
+  by_role = {"train": [l for l in lines if "--mode" not in l and "demo.py:" not in l],
+             "watch": [l for l in lines if l.endswith("--mode=eval")],
+             "one": [l for l in lines if "--mode=eval --checkpoint=" in l]}
+  assert all(len(v) == 1 for v in by_role.values()), lines
+  return {role: [sys.executable] + shlex.split(v[0])[1:] for role, v in by_role.items()}
+
+
+def _eval_metrics(path, step):
+  rows = [r for r in logging_lib.read_metrics_jsonl(path) if r["step"] == step]
+  return {k.split("/", 1)[1] if k.startswith("eval/") else k: v
+          for row in rows for k, v in row.items() if "zeroshot" in k or "recall" in k}
+
+
+@pytest.mark.slow
+def test_readme_commands_default_mode_with_a_watcher_running_then_one_checkpoint(tmp_path):
+  """The README's train line (default mode: train + in-loop eval) with the README's watcher line
+  running beside it while checkpoints are written, then its --checkpoint line."""
+  commands = _readme_commands()
+  os.symlink(os.path.join(REPO, "configs"), tmp_path / "configs")  # `--config=configs/demo.py`
+  logs = {role: open(tmp_path / f"{role}.log", "w") for role in ("train", "watch")}
+  procs = {role: subprocess.Popen(commands[role] + CLI_FLAGS, cwd=tmp_path, env=ENV_2,
+                                  stdout=logs[role], stderr=subprocess.STDOUT)
+           for role in ("train", "watch")}
+  try:
+    for role in ("train", "watch"):
+      assert procs[role].wait(timeout=500) == 0, (tmp_path / f"{role}.log").read_text()[-3000:]
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+    for log in logs.values():
+      log.close()
+  workdir = tmp_path / "runs" / "demo"
+  assert checkpointing.all_steps(workdir / "checkpoints") == [2, 4, 6]
+  assert sorted(read_losses(str(workdir))) == list(range(1, 7))
+  # The default mode evaluated in the loop (--mode=train would not have).
+  in_loop = _eval_metrics(workdir / logging_lib.METRICS_FILENAME, 6)
+  assert {"shape/zeroshot_top1", "retrieval/i2t_recall_at_1",
+          "shape_masked/zeroshot_top1"} <= set(in_loop)
+  # The watcher evaluated every checkpoint while the trainer wrote them, and exited after the
+  # last; its step-6 numbers are the trainer's (same parameters, same evaluators).
+  assert json.loads((workdir / "eval" / "evaluated.json").read_text())["steps"] == [2, 4, 6]
+  watched = _eval_metrics(workdir / "eval" / logging_lib.METRICS_FILENAME, 6)
+  assert set(watched) == set(in_loop)
+  for key, value in in_loop.items():
+    assert watched[key] == pytest.approx(value, abs=1e-6), key
+  assert "zeroshot_top1" in (tmp_path / "watch.log").read_text()  # its summary table
+
+  one = subprocess.run(commands["one"] + CLI_FLAGS, cwd=tmp_path, env=ENV_2, text=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=400)
+  assert one.returncode == 0, one.stdout[-3000:]
+  assert f"{workdir}/checkpoints/6 (step 6)" in one.stdout and "chance" in one.stdout
+  value = f"{in_loop['shape/zeroshot_top1']:.4f}"[:5]
+  assert re.search(r"zeroshot_top1\s+" + re.escape(value), one.stdout), one.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_benchmark_one_row_smoke_run():
+  flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  args = [sys.executable, "tools/benchmark.py", "--config=configs/demo.py", "--ratios=0",
+          "--steps=1", "--warmup=0", "--json", *flags]
+  run = subprocess.run(args, cwd=REPO, env=ENV_2, text=True, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=400)
+  assert run.returncode == 0, run.stdout[-3000:]
+  rows = json.loads(run.stdout.strip().splitlines()[-1])
+  assert len(rows) == 1
+  row = rows[0]
+  assert row["ratio"] == 0.0 and row["kept_tokens"] == 16  # 32-px images, 8-px patches: 4×4
+  assert row["speedup_measured"] == row["speedup_analytic"] == 1.0
+  assert row["examples_per_s"] == pytest.approx(16 / row["step_time_s"])
+  assert row["train_gflops_per_example"] > 0 and row["compile_s"] > 0
+  assert re.search(r"^\s+0\.0\s+16\s", run.stdout, re.M)  # the printed table's one row
