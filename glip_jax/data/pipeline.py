@@ -7,7 +7,8 @@ Global batches are identical whatever the number of processes (see make_train_it
 The iterator's position is checkpointable: `get_state()` / `set_state()` (or
 `grain.checkpoint.CheckpointSave/Restore` under Orbax) resume with identical batches.
 
-Train batch: {'image': uint8 [b,H,W,3] (image_size: an int, or (H, W) for non-square models), 'text': int32 [b,L], 'label': int32 [b] (-1 = none)}.
+Train batch: {'image': uint8 [b,H,W,3], 'text': int32 [b,L], 'label': int32 [b] (-1 = none)};
+`image_size` is an int or (H, W) (non-square models).
 Eval batch adds 'texts' int32 [b,C,L], 'text_mask' bool [b,C], 'mask' bool [b] and, for the
 synthetic source, 'label_shape' / 'label_colour' / 'label_size' int32 [b].
 """
