@@ -194,7 +194,8 @@ def _readme_block(heading):
 
 
 def _make_n(*args):
-  out = subprocess.run(["make", "-n", "-C", REPO, *args], stdout=subprocess.PIPE,
+  # -B: print every step, also when .venv is already up to date (as in CI after `make .venv`).
+  out = subprocess.run(["make", "-n", "-B", "-C", REPO, *args], stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, check=True).stdout
   return [line.strip() for line in out.splitlines()]
 
@@ -222,7 +223,8 @@ def test_make_targets_run_the_readme_commands():
 def test_ci_runs_the_suite_the_demo_as_written_and_the_slow_tests():
   path = os.path.join(REPO, ".ci", "run")
   assert subprocess.run(["bash", "-n", path]).returncode == 0  # it parses
-  lines = [line.strip() for line in open(path) if line.strip() and not line.lstrip().startswith("#")]
+  lines = [line.strip() for line in open(path)
+           if line.strip() and not line.lstrip().startswith("#")]
   assert "make test" in lines
   demo_index = next(i for i, line in enumerate(lines) if line.startswith("make demo "))
   assert "--workdir" not in lines[demo_index]  # the README's default relative runs/demo
