@@ -102,10 +102,7 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> RunSpec:
     raise ValueError("loss.kind='sigmoid' needs model.logit_bias_init (SigLIP uses -10.0, with "
                      "model.logit_scale_init=log(10)); without the bias the loss starts far off.")
   clip_lib.build_model(config.model)  # validates every model field; builds no parameters
-  height, width = clip_lib.image_size_hw(config.model.image_size)
-  if height != width:
-    raise ValueError(f"model.image_size={config.model.image_size!r}: the input pipeline crops "
-                     f"square images; use an int.")
+  height, width = clip_lib.image_size_hw(config.model.image_size)  # (H, W): crops are H×W
   data_config_lib.validate_data_config(config.data)
   mesh = sharding_lib.create_mesh(config.mesh)  # a mesh is only a device layout: no compute yet
   sharding_lib.check_batch_size(config.batch_size, mesh)

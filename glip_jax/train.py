@@ -71,9 +71,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- data
   host_iter = pipeline.make_train_iterator(
-      config.data, global_batch_size=config.batch_size, image_size=spec.image_size[0],
+      config.data, global_batch_size=config.batch_size, image_size=spec.image_size,
       seed=config.seed, tokenizer=spec.tokenizer, opened_sources=spec.train_sources,
-      preprocess=method.make_preprocess(spec.method_spec, config.data, spec.image_size[0],
+      preprocess=method.make_preprocess(spec.method_spec, config.data, spec.image_size,
                                         spec.tokenizer))
   # Batches already on the devices, `device_prefetch` ahead, so the copy overlaps the step; its
   # checkpointed state is the position after the batches consumed (glip_jax/data/prefetch.py).

@@ -155,3 +155,66 @@ def test_unknown_column_is_a_clear_error(tmp_path):
     make_arrayrecord.main(
         ["--input_format=parquet", f"--input={tmp_path}/p.parquet", f"--output_dir={tmp_path}"]
     )
+
+
+def _six_example_tar():
+  """Six good examples (jpg + txt) as tar bytes, and the byte offset where each example ends."""
+  buffer = io.BytesIO()
+  with tarfile.open(fileobj=buffer, mode="w") as tar:
+    for i in range(6):
+      _add(tar, f"{i:03d}.jpg", _jpeg(20 * i))
+      _add(tar, f"{i:03d}.txt", f"caption {i}".encode())
+  data = buffer.getvalue()
+  with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+    members = tar.getmembers()
+  # An example's last member ends at its data offset + size (its data is padded to 512 after).
+  ends = [members[2 * i + 1].offset_data + members[2 * i + 1].size for i in range(6)]
+  starts = [members[2 * i].offset for i in range(6)]
+  return data, starts, ends
+
+
+def _convert_tar(tmp_path, data, name="00000.tar"):
+  (tmp_path / name).write_bytes(data)
+  out = tmp_path / "out"
+  return make_arrayrecord.main(["--input_format=webdataset", f"--input={tmp_path}/*.tar",
+                                f"--output_dir={out}"]), out
+
+
+@pytest.mark.parametrize("where", ["inside_an_image", "between_examples", "half"])
+def test_a_cut_off_tar_counts_the_example_at_the_cut_as_skipped(tmp_path, where):
+  data, starts, ends = _six_example_tar()
+  # Inside example 3's image; exactly at example 4's header (tarfile then stops without an
+  # error); at half the bytes. Examples wholly before the example at the cut are written.
+  cut = {"inside_an_image": starts[3] + 700, "between_examples": starts[4],
+         "half": len(data) // 2}[where]
+  at_cut = next(i for i in range(6) if ends[i] > cut or (cut == starts[i + 1] if i < 5 else True))
+  summary, out = _convert_tar(tmp_path, data[:cut])
+  assert summary["written"] == at_cut and 0 < at_cut < 6
+  assert summary["skipped"] == {"truncated_tar": 1}
+  assert [r["captions"][0] for r in _read_back(out)] == [f"caption {i}" for i in range(at_cut)]
+
+
+def test_a_complete_tar_and_a_damaged_one_after_it(tmp_path):
+  data, starts, _ = _six_example_tar()
+  # Cut inside example 2's first header: example 1, read last, cannot be known complete (a
+  # member of its key may have followed), so it is the one skipped; example 0 is written.
+  (tmp_path / "00001.tar").write_bytes(data[:starts[2] + 100])
+  (tmp_path / "00002.tar").write_bytes(b"not a tar at all" * 64)  # unreadable from byte 0
+  summary, out = _convert_tar(tmp_path, data)
+  assert summary["written"] == 6 + 1
+  assert summary["skipped"] == {"truncated_tar": 2}
+  assert [r["key"] for r in _read_back(out)] == [f"00000/{i:03d}" for i in range(6)] + ["00001/000"]
+
+
+def test_a_non_integer_label_is_skipped_and_counted(tmp_path):
+  buffer = io.BytesIO()
+  with tarfile.open(fileobj=buffer, mode="w") as tar:
+    for key, label in (("000", b"3"), ("001", b"cat"), ("002", b" 7\n"), ("003", b"2.5"),
+                       ("004", b"\xff\xfe")):
+      _add(tar, f"{key}.jpg", _jpeg(40))
+      _add(tar, f"{key}.txt", b"a caption")
+      _add(tar, f"{key}.cls", label)
+  summary, out = _convert_tar(tmp_path, buffer.getvalue())
+  assert summary["written"] == 2
+  assert summary["skipped"] == {"bad_label": 3}
+  assert [r["label"] for r in _read_back(out)] == [3, 7]

@@ -7,7 +7,8 @@ Inputs (--input_format):
   csv         a CSV/TSV of image path + caption, paths relative to --image_root
   synthetic   the procedural dataset of glip_jax/data/synthetic.py (PNG-encoded, or JPEG if --resize)
 
-Corrupt or undecodable images and empty captions are skipped and counted, never fatal. With
+Corrupt or undecodable images, empty captions, non-integer labels and the examples of a truncated
+tar (at the cut) are skipped and counted by reason, never fatal. With
 --resize=N images are downscaled to shorter side N and re-encoded as JPEG, which cuts the training
 decode cost several-fold. Records follow glip_jax/data/records.py; shards are written as
 OUTPUT_DIR/PREFIX-00000.array_record, ... and a PREFIX-summary.json. OUTPUT_DIR may be gs:// or
@@ -33,7 +34,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image
 from tqdm import tqdm
@@ -54,6 +55,35 @@ FORMATS = ("webdataset", "parquet", "csv", "synthetic")
 Raw = tuple[str, bytes | None, list[str], int, dict[str, Any]]
 
 
+class Skip(NamedTuple):
+  """An example a reader could not even assemble (cut-off tar, bad label): counted as `reason`."""
+
+  key: str
+  reason: str
+
+
+# A truncated tar's examples after the cut are gone; the one at the cut (possibly missing members)
+# is skipped under this reason, once per damaged file even when the cut fell between examples.
+TRUNCATED_TAR = "truncated_tar"
+BAD_LABEL = "bad_label"
+
+
+def _label(value: Any) -> int | None:
+  """An integer class label (-1: none) from a .cls member, a column or a field; None if invalid."""
+  if isinstance(value, bytes):
+    try:
+      value = value.decode("utf-8")
+    except UnicodeDecodeError:
+      return None
+  if isinstance(value, str):
+    value = value.strip()
+  try:
+    label = int(value)
+  except (TypeError, ValueError):
+    return None
+  return label if label == float(value) else None
+
+
 def _expand(inputs: list[str]) -> list[str]:
   paths = sorted(p for pattern in inputs for p in glob.glob(os.path.expanduser(pattern)))
   if not paths:
@@ -61,28 +91,54 @@ def _expand(inputs: list[str]) -> list[str]:
   return paths
 
 
-def read_webdataset(paths: list[str]) -> Iterator[Raw]:
-  """Groups tar members by key (file name up to the first dot) and yields examples in order."""
+def _ends_cleanly(tar: tarfile.TarFile, path: str) -> bool:
+  """Whether the archive has its end-of-archive zero block where iteration stopped."""
+  with open(path, "rb") as f:
+    f.seek(tar.offset)
+    block = f.read(tarfile.BLOCKSIZE)
+  return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
+
+
+def read_webdataset(paths: list[str]) -> Iterator[Raw | Skip]:
+  """Groups tar members by key (file name up to the first dot) and yields examples in order.
+
+  A damaged tar (cut short, or unreadable) yields a Skip for the example at the damage and the
+  conversion goes on with the next file: Python's tarfile stops silently when a cut falls on a
+  member boundary, so the missing end-of-archive block is checked too.
+  """
   for path in paths:
-    with tarfile.open(path) as tar:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    try:
+      tar = tarfile.open(path)
+    except tarfile.TarError:
+      yield Skip(f"{stem}/", TRUNCATED_TAR)
+      continue
+    with tar:
       group: dict[str, bytes] = {}
       key = None
-      for member in tar:
-        if not member.isfile():
-          continue
-        base = os.path.basename(member.name)
-        member_key, _, ext = base.partition(".")
-        member_key = os.path.join(os.path.dirname(member.name), member_key)
-        if member_key != key and key is not None:
-          yield _webdataset_example(path, key, group)
-          group = {}
-        key = member_key
-        group[ext.lower()] = tar.extractfile(member).read()
-      if key is not None:
+      try:
+        for member in tar:
+          if not member.isfile():
+            continue
+          base = os.path.basename(member.name)
+          member_key, _, ext = base.partition(".")
+          member_key = os.path.join(os.path.dirname(member.name), member_key)
+          if member_key != key and key is not None:
+            yield _webdataset_example(path, key, group)
+            group = {}
+          key = member_key
+          group[ext.lower()] = tar.extractfile(member).read()
+        truncated = not _ends_cleanly(tar, path)
+      except (tarfile.TarError, EOFError, OSError):
+        truncated = True
+      if truncated:
+        yield Skip(f"{stem}/{os.path.basename(key or '')}", TRUNCATED_TAR)
+      elif key is not None:
         yield _webdataset_example(path, key, group)
 
 
-def _webdataset_example(path: str, key: str, group: dict[str, bytes]) -> Raw:
+def _webdataset_example(path: str, key: str, group: dict[str, bytes]) -> Raw | Skip:
+  name = f"{os.path.splitext(os.path.basename(path))[0]}/{os.path.basename(key)}"
   image = next((group[e] for e in IMAGE_EXTENSIONS if e in group), None)
   meta: dict[str, Any] = {}
   if "json" in group:
@@ -94,8 +150,9 @@ def _webdataset_example(path: str, key: str, group: dict[str, bytes]) -> Raw:
     caption = group["txt"].decode("utf-8", errors="replace")
   else:
     caption = str(meta.get("caption") or "")
-  label = int(group["cls"].decode().strip()) if "cls" in group else -1
-  name = f"{os.path.splitext(os.path.basename(path))[0]}/{os.path.basename(key)}"
+  label = _label(group["cls"]) if "cls" in group else -1
+  if label is None:
+    return Skip(name, BAD_LABEL)
   return name, image, [caption], label, records.scalar_metadata(meta)
 
 
@@ -122,8 +179,11 @@ def read_parquet(paths: list[str], args: argparse.Namespace) -> Iterator[Raw]:
         caption = data[args.caption_column][i]
         captions = caption if isinstance(caption, list) else [caption or ""]
         key = str(data[args.key_column][i]) if args.key_column in data else f"{stem}/{row}"
-        label = int(data[args.label_column][i]) if args.label_column in data else -1
+        label = _label(data[args.label_column][i]) if args.label_column in data else -1
         row += 1
+        if label is None:
+          yield Skip(key, BAD_LABEL)
+          continue
         yield key, image, [str(c) for c in captions if c is not None], label, {}
 
 
@@ -143,7 +203,10 @@ def read_csv(paths: list[str], args: argparse.Namespace) -> Iterator[Raw]:
             image = image_file.read()
         except OSError:
           image = None
-        label = int(row[args.label_column]) if args.label_column in row else -1
+        label = _label(row[args.label_column]) if args.label_column in row else -1
+        if label is None:
+          yield Skip(rel, BAD_LABEL)
+          continue
         yield rel, image, [row[args.caption_column] or ""], label, {}
 
 
@@ -159,8 +222,10 @@ def read_synthetic(args: argparse.Namespace) -> Iterator[Raw]:
     yield record["key"], buffer.getvalue(), record["captions"], record["label"], record["labels"]
 
 
-def process(raw: Raw, resize: int, quality: int) -> tuple[bytes | None, str]:
+def process(raw: Raw | Skip, resize: int, quality: int) -> tuple[bytes | None, str]:
   """Validates (and optionally shrinks) one example → (record bytes, '') or (None, skip reason)."""
+  if isinstance(raw, Skip):
+    return None, raw.reason
   key, image, captions, label, metadata = raw
   captions = [c.strip() for c in captions if c and c.strip()]
   if not captions:
@@ -266,7 +331,7 @@ class _ParquetShard:
 def convert(args: argparse.Namespace) -> dict[str, Any]:
   """Runs the conversion and returns the summary (also written as PREFIX-summary.json)."""
   if args.input_format == "synthetic":
-    raws: Iterator[Raw] = read_synthetic(args)
+    raws: Iterator[Raw | Skip] = read_synthetic(args)
     total = args.num_examples
   else:
     paths = _expand(args.input)

@@ -7,7 +7,8 @@ Global batches are identical whatever the number of processes (see make_train_it
 The iterator's position is checkpointable: `get_state()` / `set_state()` (or
 `grain.checkpoint.CheckpointSave/Restore` under Orbax) resume with identical batches.
 
-Train batch: {'image': uint8 [b,H,W,3], 'text': int32 [b,L], 'label': int32 [b] (-1 = none)}.
+Train batch: {'image': uint8 [b,H,W,3], 'text': int32 [b,L], 'label': int32 [b] (-1 = none)};
+`image_size` is an int or (H, W) (non-square models).
 Eval batch adds 'texts' int32 [b,C,L], 'text_mask' bool [b,C], 'mask' bool [b] and, for the
 synthetic source, 'label_shape' / 'label_colour' / 'label_size' int32 [b].
 """
@@ -39,7 +40,7 @@ class TrainPreprocess(grain.transforms.RandomMap):
 
   def __init__(
       self,
-      image_size: int,
+      image_size: int | tuple[int, int],
       tokenizer: Tokenizer,
       scale: Sequence[float] = transforms.DEFAULT_SCALE,
       ratio: Sequence[float] = transforms.DEFAULT_RATIO,
@@ -68,7 +69,7 @@ class EvalPreprocess(grain.transforms.Map):
 
   def __init__(
       self,
-      image_size: int,
+      image_size: int | tuple[int, int],
       tokenizer: Tokenizer,
       max_captions: int,
       label_names: Sequence[str] = (),
@@ -81,8 +82,9 @@ class EvalPreprocess(grain.transforms.Map):
   def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
     size, length, c = self.image_size, self.tokenizer.context_length, self.max_captions
     if record is _PAD or record.get("pad"):
+      height, width = (size, size) if isinstance(size, int) else size
       out = {
-          "image": np.zeros((size, size, 3), np.uint8),
+          "image": np.zeros((height, width, 3), np.uint8),
           "text": np.zeros((length,), np.int32),
           "texts": np.zeros((c, length), np.int32),
           "text_mask": np.zeros((c,), bool),
@@ -381,7 +383,7 @@ def make_train_iterator(
     data_cfg: Any,
     *,
     global_batch_size: int,
-    image_size: int,
+    image_size: int | tuple[int, int],
     seed: int,
     tokenizer: Tokenizer,
     shard_options: grain.sharding.ShardOptions | None = None,
@@ -432,7 +434,7 @@ def make_eval_batches(
     dataset_cfg: Any,
     *,
     batch_size: int,
-    image_size: int,
+    image_size: int | tuple[int, int],
     tokenizer: Tokenizer,
     split: str | None = None,
     shard_options: grain.sharding.ShardOptions | None = None,

@@ -157,13 +157,19 @@ def random_resized_crop(
   return np.asarray(out, dtype=np.uint8), box
 
 
-def center_crop(image: bytes | np.ndarray | Image.Image, size: int) -> np.ndarray:
-  """Evaluation view: resize the shorter side to `size`, then take the central size×size square."""
+def center_crop(image: bytes | np.ndarray | Image.Image, size: int | tuple[int, int]) -> np.ndarray:
+  """Evaluation view: the largest central box of the output's aspect, resized to `size` (H, W).
+
+  For a square `size` this is "resize the shorter side, take the middle square"; for (H, W) the
+  box has aspect W/H, so a non-square model sees an undistorted centre of the image.
+  """
+  out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
   pil = decode(image)
   width, height = pil.size
-  side = min(width, height)
-  left, top = (width - side) / 2, (height - side) / 2
-  out = pil.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+  scale = min(width / out_w, height / out_h)  # source pixels per output pixel
+  box_w, box_h = out_w * scale, out_h * scale
+  left, top = (width - box_w) / 2, (height - box_h) / 2
+  out = pil.resize((out_w, out_h), Image.BICUBIC, box=(left, top, left + box_w, top + box_h))
   return np.asarray(out, dtype=np.uint8)
 
 

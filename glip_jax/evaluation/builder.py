@@ -259,12 +259,9 @@ def make_masking(spec: masking_lib.MaskingSpec | None, grid: tuple[int, int],
   return select_keep
 
 
-def _image_size(model_config: ml_collections.ConfigDict) -> int:
-  h, w = clip_lib.image_size_hw(model_config.image_size)
-  if h != w:
-    raise ValueError(f"model.image_size={model_config.image_size!r}: evaluation centre-crops "
-                     "square images; non-square models are not supported here.")
-  return h
+def _image_size(model_config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(H, W) of the evaluation crops: the model's input size, square or not."""
+  return clip_lib.image_size_hw(model_config.image_size)
 
 
 def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
@@ -274,7 +271,7 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
                    model_path=tok.get("model_path") or None)
 
 
-def _batches_fn(ds_cfg: ml_collections.ConfigDict, batch_size: int, image_size: int,
+def _batches_fn(ds_cfg: ml_collections.ConfigDict, batch_size: int, image_size: tuple[int, int],
                 tokenizer: Tokenizer) -> base.BatchesFn:
   dataset = pipeline.make_eval_batches(
       ds_cfg, batch_size=batch_size, image_size=image_size, tokenizer=tokenizer,
