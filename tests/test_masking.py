@@ -85,11 +85,100 @@ def test_gaussian_at_918_never_sees_the_periphery():
   assert freq[outer_two_rings].max() < 0.01
 
 
-def test_strength_zero_is_random():
-  key = jax.random.key(3)
-  random = masking.keep_indices(key, masking.MaskingSpec("random", 0.5), 64, (14, 14))
-  flat = masking.keep_indices(key, masking.MaskingSpec("gaussian", 0.5, strength=0.0), 64, (14, 14))
-  np.testing.assert_array_equal(random, flat)
+# Statistical checks below use fixed seeds (so they are deterministic); their bounds are set so
+# that a correct sampler would fail with probability < 1e-4 per test on a fresh seed (normal
+# approximation of a binomial count, Bonferroni over all cells checked), and each test checks that
+# a plausible wrong sampler lies far outside them.
+Z_BONFERRONI = 5.0  # two-sided normal tail 5.7e-7 per cell; < 1e-4 for up to ~170 cells
+
+
+def binomial_bound(p, draws, z=Z_BONFERRONI):
+  """Half-width of the z-sigma interval of an empirical frequency of Binomial(draws, p)."""
+  return z * np.sqrt(np.asarray(p) * (1 - np.asarray(p)) / draws)
+
+
+def inclusion_frequencies(keep, n):
+  """Per-patch [N] and pairwise [N, N] empirical inclusion frequencies of keep indices [B, K]."""
+  keep = np.asarray(keep)
+  member = np.zeros((keep.shape[0], n))
+  np.put_along_axis(member, keep, 1.0, axis=1)
+  return member.mean(0), member.T @ member / keep.shape[0]
+
+
+def exact_inclusion(weights, k):
+  """Exact per-patch and pairwise inclusion probabilities of sampling k of N without replacement,
+  each draw ∝ weights among the rest (Plackett–Luce; what Gumbel-top-k samples), by enumeration."""
+  import itertools
+  weights = np.asarray(weights, np.float64)
+  n = len(weights)
+  single, pair = np.zeros(n), np.zeros((n, n))
+  for order in itertools.permutations(range(n), k):
+    p, left = 1.0, weights.sum()
+    for i in order:
+      p *= weights[i] / left
+      left -= weights[i]
+    idx = np.asarray(order)
+    single[idx] += p
+    pair[np.ix_(idx, idx)] += p
+  return single, pair
+
+
+def check_uniform_subsets(spec, grid, draws, seed):
+  """Every patch kept with probability K/N and every pair with K(K-1)/(N(N-1)) (closed form)."""
+  n = grid[0] * grid[1]
+  k = masking.num_kept(n, spec.ratio)
+  single, pair = inclusion_frequencies(
+      masking.keep_indices(jax.random.key(seed), spec, draws, grid), n)
+  p1, p2 = k / n, k * (k - 1) / (n * (n - 1))
+  assert np.abs(single - p1).max() < binomial_bound(p1, draws), np.abs(single - p1).max()
+  off = ~np.eye(n, dtype=bool)
+  assert np.abs(pair[off] - p2).max() < binomial_bound(p2, draws), np.abs(pair[off] - p2).max()
+  return single, pair
+
+
+@pytest.mark.parametrize("spec", [masking.MaskingSpec("random", 0.75),
+                                  masking.MaskingSpec("gaussian", 0.75, strength=0.0),
+                                  masking.MaskingSpec("gaussian", 0.75, strength=0.0, gumbel=True)],
+                         ids=["random", "gaussian_strength0", "gumbel_strength0"])
+def test_uniform_subsets_pairwise(spec):
+  """Uniform masking keeps a uniformly random K-subset: right per-patch *and* pairwise rates.
+
+  Per-patch rates alone would pass a random contiguous block or a random grid offset, whose
+  marginals are uniform too; their pairs are not (adjacent pairs too often, far pairs never).
+  """
+  grid, draws = (4, 4), 20000
+  check_uniform_subsets(spec, grid, draws, seed=3)
+  # Power: a random contiguous run of K = 4 raster positions has uniform-ish marginals, but its
+  # pair (0, 15) never occurs, 0.05 below the closed form; the bound is ~0.008.
+  assert 4 * 3 / (16 * 15) > 5 * binomial_bound(4 * 3 / (16 * 15), draws)
+
+
+# Gumbel-top-K with score strength·log prior + Gumbel samples K patches without replacement,
+# each draw ∝ prior**strength. On a 2×3 grid the prior takes two values (centre column vs
+# the four corners), so strength changes the inclusion probabilities visibly.
+@pytest.mark.parametrize("ratio,strength", [(0.5, 1.0), (0.5, 2.0), (0.6, 0.5), (0.6, 1.0)])
+def test_gumbel_inclusion_probabilities_are_exact(ratio, strength):
+  grid, sigma, draws = (2, 3), 0.3, 40000
+  n = 6
+  k = masking.num_kept(n, ratio)
+  assert k in (2, 3)
+  spec = masking.MaskingSpec("gaussian", ratio, sigma=sigma, strength=strength, gumbel=True)
+  single, pair = inclusion_frequencies(
+      masking.keep_indices(jax.random.key(11), spec, draws, grid), n)
+  prior = masking.gaussian_prior(grid, sigma).astype(np.float64)
+  want_single, want_pair = exact_inclusion(prior ** strength, k)
+  assert want_single.sum() == pytest.approx(k)
+  np.testing.assert_array_less(np.abs(single - want_single), binomial_bound(want_single, draws))
+  off = ~np.eye(n, dtype=bool)
+  np.testing.assert_array_less(np.abs(pair - want_pair)[off],
+                               binomial_bound(want_pair, draws)[off])
+  # Power: the plausible wrong samplers are far outside the bound (strength ignored, the prior
+  # used without the log, or independent per-patch draws treated as with replacement).
+  bound = binomial_bound(want_single, draws).max()
+  for wrong in (prior ** 1.0 if strength != 1 else prior ** 2.0, np.exp(strength * prior)):
+    assert np.abs(exact_inclusion(wrong, k)[0] - want_single).max() > 2 * bound
+  with_replacement = 1 - (1 - prior ** strength / (prior ** strength).sum()) ** k
+  assert np.abs(with_replacement - want_single).max() > 2 * bound
 
 
 def test_gumbel_samples_proportional_to_prior():
@@ -99,6 +188,25 @@ def test_gumbel_samples_proportional_to_prior():
   freq = keep_frequency(spec, grid, batch=20000).reshape(-1)
   prior = masking.gaussian_prior(grid, 0.3)
   np.testing.assert_allclose(freq, prior / prior.sum(), atol=0.012)
+
+
+def test_non_gumbel_gaussian_matches_an_independent_numpy_sampler():
+  """GLIP's rule (top-K of U(0,1) + strength·prior) against the same rule drawn with numpy."""
+  grid, draws, n = (4, 4), 20000, 16
+  for strength in (1.0, 3.0):
+    spec = masking.MaskingSpec("gaussian", 0.75, sigma=0.3, strength=strength)
+    single, _ = inclusion_frequencies(
+        masking.keep_indices(jax.random.key(5), spec, draws, grid), n)
+    score = (np.random.default_rng(5).uniform(size=(draws, n))
+             + strength * masking.gaussian_prior(grid, 0.3))
+    reference, _ = inclusion_frequencies(np.argsort(-score, axis=1)[:, :4], n)
+    # Two independent estimates: the difference has twice the variance of one.
+    bound = np.sqrt(2) * binomial_bound(reference.clip(1e-3, 1 - 1e-3), draws)
+    np.testing.assert_array_less(np.abs(single - reference), bound + 1e-9)
+    if strength == 3.0:
+      # The prior's height matters: strength 3 is far from strength 1's rates.
+      assert np.abs(single - previous).max() > 5 * bound.max()
+    previous = single
 
 
 def test_determinism_and_per_image_independence():
@@ -138,7 +246,7 @@ def test_sharded_selection_and_gather_need_no_collectives():
   def select_and_gather(tokens, step):
     rng = jax.random.fold_in(jax.random.key(0), step)
     keep = masking.keep_indices(rng, spec, tokens.shape[0], (14, 14), sharding=batch_sharding)
-    return jnp.take_along_axis(tokens, keep[:, :, None], axis=1)
+    return keep, jnp.take_along_axis(tokens, keep[:, :, None], axis=1)
 
   tokens = jax.ShapeDtypeStruct((64, 196, 32), jnp.float32, sharding=batch_sharding)
   compiled = jax.jit(select_and_gather, out_shardings=batch_sharding).lower(
@@ -146,8 +254,16 @@ def test_sharded_selection_and_gather_need_no_collectives():
   hlo = compiled.as_text()
   for collective in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
     assert collective not in hlo, f"{collective} found in the masking HLO"
-  # The same function does run and gives per-image indices.
-  out = jax.jit(select_and_gather, out_shardings=batch_sharding)(
-      jax.device_put(jnp.ones((64, 196, 32)), batch_sharding), 0)
+  # On distinct token values (image b, patch i, channel c ↦ a unique number) the sharded
+  # selection keeps the same indices as the unsharded kernel (threefry is partitionable: shard-
+  # local noise is the global noise), and the gather takes exactly those tokens per image.
+  values = np.arange(64 * 196 * 32, dtype=np.float32).reshape(64, 196, 32)
+  keep, out = compiled(jax.device_put(values, batch_sharding), jnp.int32(5))
   assert out.shape == (64, 98, 32)
   assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 3)
+  unsharded = masking.keep_indices(jax.random.fold_in(jax.random.key(0), 5), spec, 64, (14, 14))
+  np.testing.assert_array_equal(np.asarray(keep), np.asarray(unsharded))
+  np.testing.assert_array_equal(np.asarray(out),
+                                np.take_along_axis(values, np.asarray(unsharded)[:, :, None], 1))
+  # Each of the 8 shards drew its own noise: no two shards' first rows (images 0, 8, ...) agree.
+  assert len({tuple(row) for row in np.asarray(keep)[::8]}) == 8
