@@ -41,6 +41,7 @@ TPU_CHIPS = {
     "v6e": (32.0, 918e12),
 }
 TIGHT_GIB = 0.5
+_HLO_OUT = None  # defined by define_flags() when run as a script
 
 
 def chip_of(topology: str) -> tuple[str, float | None, float | None]:
@@ -60,7 +61,7 @@ def report(config, topology: str, batch_size: int, hbm_gib: float | None) -> dic
   import jax
   devices = jax.devices() if topology == "cpu" else aot.tpu_devices(topology)
   result = aot.compile_train_step(config, devices, batch_size)
-  if _HLO_OUT.value:
+  if _HLO_OUT is not None and _HLO_OUT.value:
     with open(_HLO_OUT.value, "w") as f:
       f.write(result.hlo_text)
   out = dict(
