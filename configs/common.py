@@ -27,6 +27,9 @@ def base_config(variant: str = "B/16", image_size: int = 224) -> ml_collections.
   c.total_examples = ml_collections.FieldReference(None, field_type=int)
 
   c.model = clip_lib.model_config(variant, image_size)
+  # What each transformer block keeps for the backward pass (glip_jax/models/layers.py
+  # REMAT_POLICIES): 'none' | 'full' | 'dots_no_batch'. docs/pod_scale.md measures them.
+  c.model.remat_policy = "none"
 
   # Token selection (SPEC §1–3): kind none | random | gaussian | attentive; ratio = dropped share.
   c.masking = ml_collections.ConfigDict(dict(

@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of the real train step for any device set, with no parameters built.
 
-`compile_train_step(config, devices)` builds the abstract train state with `jax.eval_shape` (the
-same init and logical shardings as `train_step.create_train_state`), lowers the project's own
-sharded train step on `ShapeDtypeStruct` arguments and compiles it. With libtpu installed (the
+`compile_train_step(config, devices)` builds the abstract train state with `jax.eval_shape` of the
+config method's own `create_train_state` (the same init and logical shardings; CLIP/FLIP/GLIP and
+A-CLIP alike), lowers that method's sharded train step on `ShapeDtypeStruct` arguments and compiles
+it. With libtpu installed (the
 `aot` extra) `tpu_devices('v5e:4x4')` gives the devices of a TPU slice on a CPU-only host, so the
 per-chip memory, FLOPs and collectives of a pod-scale run can be read before paying for it
 (tools/fit_report.py). On CPU devices it measures the same things for the local host.
@@ -21,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from glip_jax import flops as flops_lib
 from glip_jax import masking
+from glip_jax import methods
 from glip_jax import sharding as sharding_lib
 from glip_jax import train_step as train_step_lib
 from glip_jax.models import clip as clip_lib
@@ -66,30 +69,49 @@ def tpu_devices(topology: str) -> list[jax.Device]:
                      f"v4:2x2x1, v5p:2x2x1, v6e:4x4.") from e
 
 
-def abstract_train_state(model: nn.Module, tx: Any, model_config: ml_collections.ConfigDict,
-                         mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
-  """(TrainState of ShapeDtypeStruct with shardings, the shardings) — no array is allocated."""
-  images, tokens = clip_lib.dummy_inputs(model_config)
+def abstract_train_state(method: methods.Method, model: nn.Module, tx: Any,
+                         model_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                         seed: int, method_spec: Any) -> tuple[Any, Any]:
+  """(train state of ShapeDtypeStruct with shardings, the shardings) — no array is allocated.
 
-  def init(rng):
-    # As train_step.create_train_state: the boxed shapes carry every parameter's logical axes.
-    params = model.init(rng, images, tokens)["params"]
-    return train_step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                     opt_state=tx.init(params))
+  Traces the method's own `create_train_state` under `jax.eval_shape`, so the state (A-CLIP's
+  teacher and heads included) has exactly the shapes and shardings a run would build.
+  """
+  captured = {}
 
-  abstract_boxed = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding_lib.logical_to_shardings(abstract_boxed, mesh)
+  def build():
+    state, shardings = method.create_train_state(model, tx, model_config, mesh, seed, method_spec)
+    captured["shardings"] = shardings
+    return state
+
+  shapes = jax.eval_shape(build)
+  shardings = captured["shardings"]
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.unbox(abstract_boxed), shardings)
+                          shapes, shardings)
   return abstract, shardings
 
 
-def step_spec(config: ml_collections.ConfigDict) -> train_step_lib.StepSpec:
-  """The StepSpec a run of `config` trains with."""
+def abstract_batch(config: ml_collections.ConfigDict, method: methods.Method, method_spec: Any,
+                   batch_size: int, sharding: jax.sharding.Sharding) -> dict[str, Any]:
+  """The method's complete batch as batch-sharded ShapeDtypeStruct (no image is allocated)."""
+  height, width = clip_lib.image_size_hw(config.model.image_size)
+  plain = {
+      "image": jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.uint8),
+      "text": jax.ShapeDtypeStruct((batch_size, config.model.text.context_length), jnp.int32),
+  }
+  # `example_batch` completes a plain batch (A-CLIP: its other views alias the image, its boxes are
+  # small arrays); it only reads shapes, so it runs on the abstract batch too.
+  batch = method.example_batch(method_spec, plain)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+          for k, v in batch.items() if k in method.batch_keys}
+
+
+def step_spec(config: ml_collections.ConfigDict, total_steps: int = 0) -> train_step_lib.StepSpec:
+  """The StepSpec a run of `config` trains with (as glip_jax.run_spec builds it)."""
   return train_step_lib.StepSpec(
       masking=masking.from_config(config.masking), grid=clip_lib.grid(config.model),
-      loss=config.loss.kind, seed=config.seed, loss_impl=config.loss.get("impl", "dense"),
-      accum_steps=config.optim.get("accum_steps", 1))
+      loss=config.loss.kind, seed=config.seed, total_steps=total_steps,
+      loss_impl=config.loss.get("impl", "dense"), accum_steps=config.optim.get("accum_steps", 1))
 
 
 @dataclasses.dataclass
@@ -101,6 +123,7 @@ class CompiledStep:
   temp_bytes: int
   alias_bytes: int
   flops: float
+  analytic_flops: float  # glip_jax/flops.py per device, the accumulation's extra forward included
   compile_seconds: float
   collectives: dict[str, "CollectiveStats"]
   hlo_text: str
@@ -167,25 +190,24 @@ def largest_buffers(memory_report: str, top: int = 15) -> list[tuple[int, str]]:
 def compile_train_step(config: ml_collections.ConfigDict,
                        devices: Sequence[jax.Device] | None = None,
                        batch_size: int | None = None) -> CompiledStep:
-  """Lowers and compiles the config's train step for `devices` (default: the local ones)."""
+  """Lowers and compiles the train step of the config's method for `devices` (default: local)."""
   batch_size = config.batch_size if batch_size is None else batch_size
   mesh = sharding_lib.create_mesh(config.mesh, devices)
   sharding_lib.check_batch_size(batch_size, mesh)
-  spec = step_spec(config)
+  method = methods.get(config.method)
+  # The schedule's length changes no shape; total_epochs would need the data, so it is not read.
+  total_steps = config.total_steps or 1
+  method_spec = method.validate(config, total_steps)
+  spec = step_spec(config, total_steps)
   train_step_lib.check_accum_steps(spec.accum_steps, batch_size,
                                    sharding_lib.data_parallel_size(mesh))
   model = clip_lib.build_model(config.model)
-  tx, schedule = train_step_lib.make_optimizer(config.optim, config.total_steps or 1)
-  state, shardings = abstract_train_state(model, tx, config.model, mesh)
-  step = train_step_lib.compile_train_step(model, tx, schedule, spec, mesh, shardings)
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-  height, width = clip_lib.image_size_hw(config.model.image_size)
-  batch = {
-      "image": jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.uint8,
-                                    sharding=batch_sharding),
-      "text": jax.ShapeDtypeStruct((batch_size, config.model.text.context_length), jnp.int32,
-                                   sharding=batch_sharding),
-  }
+  tx, schedule = train_step_lib.make_optimizer(config.optim, total_steps)
+  state, shardings = abstract_train_state(method, model, tx, config.model, mesh, config.seed,
+                                          method_spec)
+  step = method.compile_train_step(model, tx, schedule, spec, mesh, shardings, method_spec)
+  batch = abstract_batch(config, method, method_spec, batch_size,
+                         sharding_lib.batch_sharding(mesh))
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   seconds = time.perf_counter() - start
@@ -193,12 +215,15 @@ def compile_train_step(config: ml_collections.ConfigDict,
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   text = compiled.as_text()
+  per_example = (method.flops_per_example(config.model, method_spec, spec.masking)
+                 * flops_lib.accumulation_factor(spec.accum_steps))
   return CompiledStep(
       argument_bytes=int(memory.argument_size_in_bytes),
       output_bytes=int(memory.output_size_in_bytes),
       temp_bytes=int(memory.temp_size_in_bytes),
       alias_bytes=int(memory.alias_size_in_bytes),
       flops=float(cost.get("flops", float("nan"))),
+      analytic_flops=per_example * batch_size / len(mesh.devices.flat),
       compile_seconds=seconds,
       collectives=collective_stats(text),
       hlo_text=text)

@@ -46,6 +46,15 @@ def train_flops_per_example(model: ml_collections.ConfigDict, ratio: float = 0.0
   return 3.0 * (image_forward_flops(model, ratio) + text_forward_flops(model))
 
 
+def accumulation_factor(accum_steps: int) -> float:
+  """FLOPs of a cached-feature accumulated step relative to the plain one: 4/3 for k > 1.
+
+  `optim.accum_steps = k > 1` runs one extra gradient-free forward of every example (the cached
+  embeddings) before the k forward+backward passes: 1 + 3 = 4 forwards' worth instead of 3.
+  """
+  return 1.0 if accum_steps == 1 else 4.0 / 3.0
+
+
 # ----------------------------------------------------------------------------------------------
 # A-CLIP (SPEC §4): a teacher forward, two masked student views and the SSL heads.
 
@@ -122,14 +131,19 @@ def peak_flops_per_device(device_kind: str) -> float | None:
 
 def throughput_metrics(examples: int, seconds: float,
                        flops_per_example: float | None, num_devices: int,
-                       device_kind: str) -> dict[str, float]:
-  """examples/s (total, per device), TFLOP/s per device and MFU (if known)."""
+                       device_kind: str, accum_steps: int = 1) -> dict[str, float]:
+  """examples/s (total, per device), TFLOP/s per device and MFU (if known).
+
+  `flops_per_example` is the plain step's (forward + backward); with `accum_steps` > 1 the device
+  also runs the cached-feature forward, so TFLOP/s and MFU count 4/3 of it (accumulation_factor).
+  """
   per_s = examples / seconds
   out = {
       "examples_per_s": per_s,
       "examples_per_s_per_device": per_s / num_devices,
   }
   if flops_per_example is not None:
+    flops_per_example *= accumulation_factor(accum_steps)
     flops_per_device = per_s * flops_per_example / num_devices
     out["tflops_per_s_per_device"] = flops_per_device / 1e12
     peak = peak_flops_per_device(device_kind)

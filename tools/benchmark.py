@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from glip_jax import flops
 from glip_jax import methods
 from glip_jax import run_spec
 from glip_jax import sharding as sharding_lib
@@ -72,7 +73,9 @@ def time_train_step(config, mesh) -> dict[str, float]:
   state, shardings = method.create_train_state(model, tx, config.model, mesh, config.seed,
                                                method_spec)
   step = method.compile_train_step(model, tx, schedule, spec.step, mesh, shardings, method_spec)
-  gflops = method.flops_per_example(config.model, method_spec, spec.masking) / 1e9
+  # Accumulation (optim.accum_steps > 1) adds the cached-feature forward: 4/3 of the FLOPs.
+  gflops = (method.flops_per_example(config.model, method_spec, spec.masking)
+            * flops.accumulation_factor(spec.step.accum_steps) / 1e9)
   batch = random_batch(config, method, method_spec, mesh)
   t0 = time.perf_counter()
   state, metrics = step(state, batch)

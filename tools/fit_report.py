@@ -41,6 +41,7 @@ TPU_CHIPS = {
     "v6e": (32.0, 918e12),
 }
 TIGHT_GIB = 0.5
+_HLO_OUT = None  # defined by define_flags() when run as a script
 
 
 def chip_of(topology: str) -> tuple[str, float | None, float | None]:
@@ -54,36 +55,26 @@ def chip_of(topology: str) -> tuple[str, float | None, float | None]:
   return (generation, *TPU_CHIPS[generation])
 
 
-def analytic_flops_per_chip(config, batch_size: int, num_chips: int) -> float:
-  """SPEC §7 training FLOPs per chip; accumulation adds one gradient-free forward (4/3×)."""
-  from glip_jax import flops
-  ratio = config.masking.ratio if config.masking.kind != "none" else 0.0
-  per_example = flops.train_flops_per_example(config.model, ratio)
-  if config.optim.get("accum_steps", 1) > 1:
-    per_example *= 4.0 / 3.0
-  return per_example * batch_size / num_chips
-
-
 def report(config, topology: str, batch_size: int, hbm_gib: float | None) -> dict:
   """Compiles once and returns the report as a dict."""
   from glip_jax import aot
   import jax
   devices = jax.devices() if topology == "cpu" else aot.tpu_devices(topology)
   result = aot.compile_train_step(config, devices, batch_size)
-  analytic = analytic_flops_per_chip(config, batch_size, len(devices))
-  if _HLO_OUT.value:
+  if _HLO_OUT is not None and _HLO_OUT.value:
     with open(_HLO_OUT.value, "w") as f:
       f.write(result.hlo_text)
   out = dict(
-      topology=topology, chips=len(devices), batch_size=batch_size,
+      method=config.method, topology=topology, chips=len(devices), batch_size=batch_size,
       per_chip_batch=batch_size / len(devices), variant=config.model.image.variant,
       dtype=config.model.dtype, masking=f"{config.masking.kind}:{config.masking.ratio}",
       loss_impl=config.loss.get("impl", "dense"),
       accum_steps=config.optim.get("accum_steps", 1), remat=bool(config.model.remat),
+      remat_policy=config.model.get("remat_policy", "none"),
       argument_gib=result.argument_bytes / GIB, temp_gib=result.temp_bytes / GIB,
       output_gib=result.output_bytes / GIB, alias_gib=result.alias_bytes / GIB,
       total_gib=result.total_bytes / GIB, hbm_gib=hbm_gib,
-      xla_tflops=result.flops / 1e12, analytic_tflops=analytic / 1e12,
+      xla_tflops=result.flops / 1e12, analytic_tflops=result.analytic_flops / 1e12,
       collectives={k: dataclasses.asdict(v) for k, v in result.collectives.items()},
       compile_seconds=result.compile_seconds)
   if hbm_gib is not None:
@@ -94,8 +85,9 @@ def report(config, topology: str, batch_size: int, hbm_gib: float | None) -> dic
 
 def print_report(r: dict) -> None:
   """The human-readable table."""
-  print(f"\n== {r['variant']} {r['dtype']} masking={r['masking']} loss={r['loss_impl']} "
-        f"accum={r['accum_steps']} remat={r['remat']} on {r['topology']} ({r['chips']} chips), "
+  print(f"\n== {r['method']} {r['variant']} {r['dtype']} masking={r['masking']} "
+        f"loss={r['loss_impl']} accum={r['accum_steps']} remat={r['remat']} "
+        f"remat_policy={r['remat_policy']} on {r['topology']} ({r['chips']} chips), "
         f"global batch {r['batch_size']} ({r['per_chip_batch']:g}/chip)")
   print("per chip        GiB")
   for name in ("argument", "temp", "output"):

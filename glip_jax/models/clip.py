@@ -128,6 +128,8 @@ def build_model(config: ml_collections.ConfigDict) -> CLIP:
   # Model configs saved before the field existed use the einsum path they were trained with.
   attention_impl = config.get("attention_impl", "einsum")
   layers.check_attention_impl(attention_impl)
+  remat_policy = config.get("remat_policy", "none")  # configs/common.py sets the default
+  layers.check_remat_policy(remat_policy)
   spec = vit.parse_variant(config.image.variant)
   image_size = image_size_hw(config.image_size)
   vit.grid_shape(image_size, spec.patch_size)  # validates divisibility
@@ -137,13 +139,13 @@ def build_model(config: ml_collections.ConfigDict) -> CLIP:
   image = vit.VisionTransformer(
       spec=spec, image_size=image_size, output_dim=config.embed_dim, pool=config.image.pool,
       pos_embedding=config.image.pos_embedding, quick_gelu=config.quick_gelu,
-      remat=config.remat, dtype=dtype, attention_impl=attention_impl)
+      remat=config.remat, dtype=dtype, attention_impl=attention_impl, remat_policy=remat_policy)
   text = text_lib.TextTransformer(
       width=config.text.width, depth=config.text.depth, num_heads=config.text.heads,
       output_dim=config.embed_dim, vocab_size=config.text.vocab_size,
       context_length=config.text.context_length, causal=config.text.causal,
       eot_token_id=config.text.eot_token_id, quick_gelu=config.quick_gelu,
-      remat=config.remat, dtype=dtype, attention_impl=attention_impl)
+      remat=config.remat, dtype=dtype, attention_impl=attention_impl, remat_policy=remat_policy)
   return CLIP(image=image, text=text, logit_scale_init=config.logit_scale_init,
               logit_bias_init=config.logit_bias_init)
 

@@ -5,6 +5,7 @@ so that importing OpenAI/open_clip weights is a name mapping. Every parameter ca
 names (`nn.with_logical_partitioning`) that `glip_jax.sharding` maps onto the device mesh.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +20,19 @@ EMBED, MLP, HEADS, HEAD_DIM, VOCAB = "embed", "mlp", "heads", "head_dim", "vocab
 # which XLA lowers as it likes on CPU/TPU and which runs cuDNN's flash attention on GPUs when the
 # shapes and dtype allow (implementation=None picks it).
 ATTENTION_IMPLS = ("einsum", "dot_product")
+# What a rematerialised block keeps for the backward pass (`model.remat_policy`), per block:
+#   'none'          no rematerialisation: every residual the backward pass reads stays alive
+#                   (with float32 attention probabilities [B, heads, T, T] per layer: they
+#                   dominate the unmasked step's memory at ViT-B/16 scale);
+#   'full'          only the block's input (jax.checkpoint's default; what model.remat=True did);
+#   'dots_no_batch' the outputs of the weight matmuls (qkv, out_proj, c_fc, c_proj); the
+#                   attention logits/probabilities, GELU and layer norms are recomputed, so what is
+#                   saved per layer is O(tokens × width), proportional to the kept tokens.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def check_attention_impl(impl: str) -> None:
@@ -26,6 +40,19 @@ def check_attention_impl(impl: str) -> None:
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"model.attention_impl={impl!r} is not an attention implementation; "
                      f"allowed: {list(ATTENTION_IMPLS)}.")
+
+
+def check_remat_policy(policy: str) -> None:
+  """Raises ValueError unless `policy` is a rematerialisation policy name."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy={policy!r} is not a rematerialisation policy; "
+                     f"allowed: {list(REMAT_POLICIES)}.")
+
+
+def resolve_remat(remat: bool, policy: str) -> str:
+  """The policy a tower runs: `policy`, or 'full' for the older `model.remat=True` alone."""
+  check_remat_policy(policy)
+  return "full" if policy == "none" and remat else policy
 
 
 def dense_init(axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
@@ -85,7 +112,11 @@ class Attention(nn.Module):
       # The fused kernel returns no weights: A-CLIP's [CLS] row is one extra [B, heads, 1, T] row.
       weights = _attention_weights(q[:, :1], k, None if mask is None else mask[:, :, :1])
     else:
-      weights = _attention_weights(q, k, mask)
+      # Probabilities in the compute dtype: the softmax runs in float32, but what the PV matmul
+      # reads and what its backward keeps is [B, heads, T, T] in bf16 at half the bytes.
+      # (A-CLIP's teacher reads float32 weights: they stay float32 when returned.)
+      weights = _attention_weights(q, k, mask,
+                                   out_dtype=jnp.float32 if return_weights else self.dtype)
       out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
     out = nn.DenseGeneral(
         width,
@@ -98,12 +129,42 @@ class Attention(nn.Module):
     return (out, weights[:, :, 0]) if return_weights else out
 
 
-def _attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """softmax(q·kᵀ/√d) in float32, [B, heads, Q, K]; masked keys get zero weight."""
+def _attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None,
+                       out_dtype: Dtype = jnp.float32) -> jax.Array:
+  """softmax(q·kᵀ/√d) computed in float32, [B, heads, Q, K] in `out_dtype`; masked keys get 0."""
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  return jax.nn.softmax(logits, axis=-1)
+  if jnp.dtype(out_dtype) == jnp.float32:
+    return jax.nn.softmax(logits, axis=-1)
+  return softmax_lowp(logits, jnp.dtype(out_dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax_lowp(logits: jax.Array, dtype: Any) -> jax.Array:
+  """softmax over the last axis in float32 (max, exp and sum), returned — and saved — in `dtype`.
+
+  Autodiff of a float32 softmax followed by a cast keeps the float32 probabilities for the
+  backward pass; this keeps the `dtype` ones, and the backward pass
+  dx = p·(g − Σ g·p) runs in float32 from them.
+  """
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+def _softmax_lowp_fwd(logits, dtype):
+  probs = softmax_lowp(logits, dtype)
+  return probs, (probs, jnp.zeros((), logits.dtype))
+
+
+def _softmax_lowp_bwd(dtype, residuals, g):
+  del dtype
+  probs, like = residuals
+  p, g = probs.astype(jnp.float32), g.astype(jnp.float32)
+  grad = p * (g - jnp.sum(g * p, axis=-1, keepdims=True))
+  return (grad.astype(like.dtype),)
+
+
+softmax_lowp.defvjp(_softmax_lowp_fwd, _softmax_lowp_bwd)
 
 
 class MlpBlock(nn.Module):
@@ -154,12 +215,16 @@ class Transformer(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   attention_impl: str = "einsum"
+  remat_policy: str = "none"  # REMAT_POLICIES; 'none' with remat=True means 'full'
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, return_weights: bool = False):
     block_cls = ResidualBlock
-    if self.remat:
-      block_cls = nn.remat(ResidualBlock, static_argnums=(3,))
+    policy = resolve_remat(self.remat, self.remat_policy)
+    if policy != "none":
+      # Per block: the backward pass of block i recomputes what the policy did not save while
+      # only block i's recomputed intermediates are alive.
+      block_cls = nn.remat(ResidualBlock, static_argnums=(3,), policy=REMAT_POLICIES[policy])
     all_weights = []
     for i in range(self.depth):
       out = block_cls(self.num_heads, self.mlp_dim, self.quick_gelu, self.dtype,

@@ -30,6 +30,7 @@ class TextTransformer(nn.Module):
   remat: bool = False
   dtype: Any = jnp.float32
   attention_impl: str = "einsum"  # layers.ATTENTION_IMPLS
+  remat_policy: str = "none"  # layers.REMAT_POLICIES: what each block keeps for the backward pass
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> dict[str, jax.Array]:
@@ -47,6 +48,7 @@ class TextTransformer(nn.Module):
     mask = nn.make_causal_mask(tokens, dtype=jnp.bool_) if self.causal else None
     x = layers.Transformer(self.depth, self.num_heads, 4 * self.width, self.quick_gelu,
                            self.remat, self.dtype, self.attention_impl,
+                           remat_policy=self.remat_policy,
                            name="transformer")(x, mask)
     x = layers.LayerNorm(self.dtype, name="ln_final")(x)
     if self.eot_token_id is None:

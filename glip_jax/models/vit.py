@@ -100,6 +100,7 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   dtype: Any = jnp.float32
   attention_impl: str = "einsum"  # layers.ATTENTION_IMPLS
+  remat_policy: str = "none"  # layers.REMAT_POLICIES: what each block keeps for the backward pass
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -137,6 +138,7 @@ class VisionTransformer(nn.Module):
     x = layers.LayerNorm(self.dtype, name="ln_pre")(x)
     transformer = layers.Transformer(spec.depth, spec.num_heads, spec.mlp_dim, self.quick_gelu,
                                      self.remat, self.dtype, self.attention_impl,
+                                     remat_policy=self.remat_policy,
                                      name="transformer")
     out: dict[str, jax.Array] = {}
     if return_attention:
