@@ -190,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           elapsed = time.perf_counter() - interval_start
           scalars.update(flops.throughput_metrics(
               interval_steps * config.batch_size, elapsed, flops_per_example, jax.device_count(),
-              jax.devices()[0].device_kind))
+              jax.devices()[0].device_kind, accum_steps=config.optim.accum_steps))
           scalars["step_time_s"] = elapsed / interval_steps
           scalars["data_wait_s"] = data_wait / interval_steps
         writer.write_scalars(step, scalars)
