@@ -195,7 +195,7 @@ def _readme_block(heading):
 
 def _make_n(*args):
   # -B: print every step, also when .venv is already up to date (as in CI after `make .venv`).
-  out = subprocess.run(["make", "-n", "-B", "-C", REPO, *args], stdout=subprocess.PIPE,
+  out = subprocess.run(["make", "-n", "-B", "-C", REPO, "PYTEST_ARGS=", *args], stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, check=True).stdout
   return [line.strip() for line in out.splitlines()]
 

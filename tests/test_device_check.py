@@ -24,6 +24,7 @@ def _rows(out):
   return {line.split()[0]: line.split() for line in lines[start + 1:]}
 
 
+@pytest.mark.slow  # minute-scale on CI's 2 cores: keeps `make test` under 10 minutes
 def test_cpu_smoke_prints_one_row_per_case():
   rows = _rows(_run("--cases=clip_r0.75,pipeline"))
   assert set(rows) == {"clip_r0.75", "pipeline"}

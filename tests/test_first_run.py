@@ -165,6 +165,7 @@ def test_command_line_run_length_wins_over_the_recipes():
     main_lib.apply_duration_precedence(config, ["total_steps", "total_examples"])
 
 
+@pytest.mark.slow  # minute-scale on CI's 2 cores: keeps `make test` under 10 minutes
 def test_restart_without_checkpoint_drops_the_earlier_attempts_metrics(tmp_path):
   """A run that died before its first save: its metrics lines must not zig-zag with the new run's."""
   workdir = tmp_path / "run"

@@ -225,7 +225,7 @@ def test_global_batch_on_eight_devices(tokenizer):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("source", "parquet", "config.data.source='parquet'.*'webdataset'"),
+        ("source", "hdf5", "config.data.source='hdf5'.*'webdataset'"),
         ("crop_scale", (0.9, 0.5), "crop_scale"),
         ("worker_count", -1, "worker_count"),
     ],

@@ -76,7 +76,7 @@ def _grads(policy: str, dtype: str = "float32"):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
+@pytest.mark.parametrize("policy", [pytest.param("full", marks=pytest.mark.slow), "dots_no_batch"])
 def test_remat_policy_does_not_change_gradients(policy):
   (value, grads), (ref_value, ref_grads) = _grads(policy), _grads("none")
   np.testing.assert_allclose(value, ref_value, rtol=1e-6)
@@ -119,6 +119,7 @@ def test_accumulation_factor_in_throughput_and_mfu():
   assert plain["tflops_per_s_per_device"] == pytest.approx(0.45)
 
 
+@pytest.mark.slow  # minute-scale on CI's 2 cores: keeps `make test` under 10 minutes
 def test_aot_compiles_the_aclip_step():
   """The fit report compiles whatever the method's compile_train_step gives: A-CLIP's state
   carries the EMA teacher and heads (more argument bytes than CLIP's), its batch three views."""

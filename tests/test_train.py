@@ -110,6 +110,7 @@ def test_unmasked_tuning_starts_from_the_parameters_of_another_run(straight, tmp
   assert not np.array_equal(final_params(workdir)["logit_scale"], final_params(straight)["logit_scale"])
 
 
+@pytest.mark.slow  # minute-scale on CI's 2 cores: keeps `make test` under 10 minutes
 def test_tuning_at_full_resolution_resamples_the_position_embeddings(tmp_path):
   """CLIPA's resolution reduction: train at 16 px (a 2×2 grid), tune at 32 px (4×4)."""
   low = tiny_config()
@@ -152,6 +153,7 @@ def run_killed_at(workdir, log_path, point, arg="", extra=()):
   assert proc.returncode == -signal.SIGKILL, open(log_path).read()[-3000:]
 
 
+@pytest.mark.slow  # minute-scale on CI's 2 cores: keeps `make test` under 10 minutes
 def test_kill_9_then_resume_is_exact(straight, tmp_path):
   workdir, log_path = str(tmp_path / "killed"), str(tmp_path / "log")
   # Killed inside the async save of step 20, after logging step 20: the save of step 10 has
@@ -212,7 +214,7 @@ def test_attentive_masking_needs_the_aclip_section(tmp_path):
     ("masking.ratio", 1.5, r"masking.ratio=1.5"),
     ("batch_size", 12, r"batch_size=12 is not divisible by the data-parallel size 8"),
     ("model.image_size", 30, r"model.image_size=\(30, 30\) is not divisible by the patch size 8"),
-    ("data.source", "parquet", r"config.data.source='parquet' is invalid"),
+    ("data.source", "hdf5", r"config.data.source='hdf5' is invalid"),
     ("loss.kind", "cosine", r"loss.kind='cosine'"),
     ("log_every_steps", 0, r"log_every_steps=0 is invalid"),
 ])
