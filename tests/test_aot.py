@@ -49,6 +49,7 @@ def _tiny_config():
   return config
 
 
+@pytest.mark.slow  # ~20 s on CI's 2 cores: keeps `make test` under 10 minutes
 def test_accumulation_lowers_temporary_memory_on_cpu():
   """The compiled CPU step for 8 devices: 4 cached-feature micro-batches need fewer temp bytes."""
   config = _tiny_config()
@@ -70,6 +71,7 @@ def test_unknown_topology_and_generation():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed (the 'aot' extra: pip install -e '.[aot]'); "
                            "it describes TPU slices on a CPU-only host")
+@pytest.mark.slow  # ~20 s on CI's 2 cores: keeps `make test` under 10 minutes
 def test_demo_config_compiles_for_a_v5e_2x2_slice():
   """The demo's real train step, compiled for 4 v5e chips on this host: it fits in 16 GiB."""
   config = demo.get_config()

@@ -186,6 +186,7 @@ def test_restart_without_checkpoint_drops_the_earlier_attempts_metrics(tmp_path)
   assert any(e.session_log.status == e.session_log.START and e.step == 1 for e in events)
 
 
+@pytest.mark.slow  # ~20 s on CI's 2 cores: keeps `make test` under 10 minutes
 def test_a_failed_save_stops_the_run_at_once_and_says_what_is_intact(tmp_path, monkeypatch):
   """The checkpoint directory becomes unwritable after the first save: the run stops right after
   the next save fails (one step later, not at the save after), naming the intact checkpoint."""
@@ -220,6 +221,7 @@ def test_a_failed_save_stops_the_run_at_once_and_says_what_is_intact(tmp_path, m
   assert max(read_losses(str(workdir))) <= 21  # at most one step past the failed save
 
 
+@pytest.mark.slow  # ~20 s on CI's 2 cores: keeps `make test` under 10 minutes
 def test_documented_conversion_command_and_glob_match(tmp_path):
   """docs/data.md's synthetic conversion command, run as written, writes what its glob matches."""
   text = open(os.path.join(REPO, "docs", "data.md")).read()
@@ -263,6 +265,7 @@ def test_a_save_failing_in_the_background_is_reported_by_the_next_check(tmp_path
   assert checkpointing.raise_if_save_failed(manager, None) is None
 
 
+@pytest.mark.slow  # ~20 s on CI's 2 cores: keeps `make test` under 10 minutes
 def test_readme_inference_example_runs_and_ranks_like_the_embeddings(tmp_path):
   """The README's Python example, run as written against a freshly trained checkpoint."""
   import numpy as np  # pylint: disable=g-import-not-at-top

@@ -530,6 +530,7 @@ def test_b16_import_and_export_equal_open_clip(oc):
   assert_equal_outputs(ours, torch_reference.forward(fresh, images, tokens))
 
 
+@pytest.mark.slow  # ~20 s on CI's 2 cores: keeps `make test` under 10 minutes
 def test_trainer_starts_from_an_open_clip_file(own_state_dict, tmp_path):
   """--config.init_from.open_clip=FILE: step 1 runs at lr 0 (warmup), so the checkpoint after it
   holds exactly the imported parameters — the trainer placed them, not its own initialisation."""

@@ -76,7 +76,7 @@ def _grads(policy: str, dtype: str = "float32"):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("policy", [pytest.param("full", marks=pytest.mark.slow), "dots_no_batch"])
+@pytest.mark.parametrize("policy", [pytest.param("full", marks=pytest.mark.slow), pytest.param("dots_no_batch", marks=pytest.mark.slow)])
 def test_remat_policy_does_not_change_gradients(policy):
   (value, grads), (ref_value, ref_grads) = _grads(policy), _grads("none")
   np.testing.assert_allclose(value, ref_value, rtol=1e-6)
