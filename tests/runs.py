@@ -18,15 +18,20 @@ OVERRIDES = {
 }
 
 
-def tiny_config(arg: str = "", config=None):
-  """The demo config (or `config`) with OVERRIDES applied and no evaluators (what `command` runs)."""
-  config = demo.get_config(arg) if config is None else config
-  for key, value in OVERRIDES.items():
+def apply_overrides(config, overrides: dict, sep: str = "."):
+  """`config` with dotted-path overrides set in place (`{"model.dtype": "bfloat16"}`)."""
+  for key, value in overrides.items():
     node = config
-    *parents, leaf = key.split(".")
+    *parents, leaf = key.split(sep)
     for p in parents:
       node = node[p]
     node[leaf] = value
+  return config
+
+
+def tiny_config(arg: str = "", config=None):
+  """The demo config (or `config`) with OVERRIDES applied and no evaluators (what `command` runs)."""
+  config = apply_overrides(demo.get_config(arg) if config is None else config, OVERRIDES)
   config.evals = {}
   return config
 

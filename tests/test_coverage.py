@@ -14,7 +14,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 
 import grain
 import jax
@@ -37,20 +36,14 @@ from glip_jax.data.tokenizer import Tokenizer
 from glip_jax.evaluation import builder
 from glip_jax.models import clip as clip_lib
 from configs import demo
-from runs import OVERRIDES, REPO, read_losses, tiny_config
+from runs import OVERRIDES, REPO, apply_overrides, read_losses, tiny_config
 
 NON_SQUARE = (48, 32)  # (height, width): a 6×4 grid of 8-px patches for the tiny model
 
 
 def _set(config, **overrides):
   """config with dotted-path overrides (`model__dtype="bfloat16"` sets model.dtype)."""
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return apply_overrides(config, overrides, sep="__")
 
 
 def _non_square(config):

@@ -247,16 +247,9 @@ def _shard_overrides(shard_path):
 
 
 def _train_config(shard_path):
-  from runs import tiny_config  # pylint: disable=g-import-not-at-top
+  from runs import apply_overrides, tiny_config  # pylint: disable=g-import-not-at-top
 
-  config = tiny_config()
-  for key, value in _shard_overrides(shard_path).items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return apply_overrides(tiny_config(), _shard_overrides(shard_path))
 
 
 def _skips(workdir):
