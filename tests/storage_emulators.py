@@ -65,11 +65,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def _wait(port: int, process: subprocess.Popen, name: str, timeout: float = 30) -> None:
+def _tail(log_path: str) -> str:
+  """The end of what an emulator wrote to its log file."""
+  with open(log_path, errors="replace") as f:
+    return f.read()[-3000:]
+
+
+def _wait(port: int, process: subprocess.Popen, name: str, log_path: str,
+          timeout: float = 30) -> None:
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     if process.poll() is not None:
-      raise RuntimeError(f"{name} exited with {process.returncode}: {process.stdout.read()}")
+      raise RuntimeError(f"{name} exited with {process.returncode}: {_tail(log_path)}")
     try:
       with socket.create_connection(("127.0.0.1", port), timeout=0.5):
         return
@@ -92,6 +99,7 @@ class Emulators:
 
   def __init__(self, s3: bool = True):
     self._processes: list[subprocess.Popen] = []
+    self._logs: list[tuple[str, str]] = []
     self._dirs: list[str] = []
     self.env: dict[str, str] = {
         # No metadata-server probes (it is not on this machine) and no zonal-bucket lookups.
@@ -119,13 +127,30 @@ class Emulators:
       self.s3 = True
 
   def _start(self, argv: list[str], port: int, name: str) -> None:
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, **self.env})
+    # The emulator's output goes to a file, never to an unread pipe. Even with --quiet the GCS
+    # emulator prints a ~2 KB traceback for every client that hangs up mid-response (a killed
+    # trainer, a cancelled read-ahead); once a pipe's 64 KiB are full its single server thread
+    # blocks on the next one and every request waits forever: CI hung for an hour in the test
+    # after the kill -9 one.
+    # GLIP_EMULATOR_LOG_DIR keeps the logs after the tests (to see why an emulator died).
+    log_dir = os.environ.get("GLIP_EMULATOR_LOG_DIR")
+    if log_dir:
+      os.makedirs(log_dir, exist_ok=True)
+    else:
+      log_dir = tempfile.mkdtemp(prefix="glip_emulator_log_")
+      self._dirs.append(log_dir)
+    log_path = os.path.join(log_dir, name.replace(" ", "_") + ".log")
+    with open(log_path, "w") as log:
+      process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                 env={**os.environ, **self.env})
     self._processes.append(process)
-    _wait(port, process, name)
+    self._logs.append((name, log_path))
+    _wait(port, process, name, log_path)
 
   def stop(self) -> None:
-    for process in self._processes:
+    for process, (name, log_path) in zip(self._processes, self._logs):
+      if process.poll() is not None:  # it died during the tests: say how, for the CI log
+        print(f"{name} had exited with {process.returncode}:\n{_tail(log_path)}", file=sys.stderr)
       process.terminate()
     for process in self._processes:
       try:

@@ -142,6 +142,28 @@ def test_listing_sees_what_another_process_wrote(emulators):
   assert sorted(p.name for p in base.iterdir()) == ["1", "2"]
 
 
+def test_emulator_keeps_serving_after_many_clients_hang_up(emulators):
+  """Clients that reset mid-download (a killed trainer) make the emulator print a traceback
+  each; 100 of them (~200 KB) must not block it (its output once went to an unread pipe: CI hung)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  import urllib.parse  # pylint: disable=g-import-not-at-top
+  name = f"{_unique('big')}/blob"
+  storage.path(f"{GS}/{name}").write_bytes(b"x" * (4 << 20))
+  url = urllib.parse.urlparse(os.environ["STORAGE_EMULATOR_HOST"])
+  request = (f"GET /download/storage/v1/b/{storage_emulators.GCS_BUCKET}/o/"
+             f"{urllib.parse.quote(name, safe='')}?alt=media HTTP/1.0\r\n\r\n").encode()
+  for _ in range(100):
+    with socket.create_connection((url.hostname, url.port), timeout=10) as s:
+      s.sendall(request)
+      s.recv(1)  # the response has started
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+  result = subprocess.run([sys.executable, "-c", "from glip_jax import storage; "
+                           f"print(len(storage.path('{GS}/{name}').read_bytes()))"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.stdout.strip() == str(4 << 20), result.stderr[-2000:]
+
+
 def test_gs_globs_and_parquet_source(emulators, tmp_path):
   """Shard globs on gs:// (wildcards in any component) and Parquet rows read in place."""
   base = f"{GS}/{_unique('data')}"
