@@ -28,6 +28,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from glip_jax import errors
+
 PyTree = Any
 
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -117,7 +119,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree,
   return started
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(errors.RunStopped, RuntimeError):
   """A checkpoint save failed; training stops rather than run on unsaved."""
 
 
@@ -188,7 +190,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree,
   return restored[STATE]
 
 
-class CheckpointRestoreError(RuntimeError):
+class CheckpointRestoreError(errors.RunStopped, RuntimeError):
   """No checkpoint of a workdir that has some could be restored; nothing was changed."""
 
 

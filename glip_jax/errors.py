@@ -1,10 +1,19 @@
-"""Errors the command line reports as one line (exit status 2), and the one way to raise them."""
+"""Errors the command line reports as one line, and the one way to raise them.
+
+ConfigError: a usage mistake, found before any compute (exit status 2). RunStopped: a run that
+started and stopped for a stated reason — data mostly broken, no restorable checkpoint, a failed
+save, a non-finite step — whose message already says what is intact (exit status 1).
+"""
 
 from typing import Any, NoReturn
 
 
 class ConfigError(ValueError):
   """A config field (or a path it names) is invalid; raised before any compute."""
+
+
+class RunStopped(Exception):
+  """Mixed into the errors that stop a started run; their message is complete (no traceback)."""
 
 
 def show(value: Any) -> str:

@@ -10,8 +10,10 @@ host) are joined with `jax.distributed.initialize`: explicitly with --coordinato
 --num_processes and --process_id, or automatically under SLURM and on Cloud TPU pod slices.
 
 Usage mistakes (an unknown or invalid flag or config field, a config file that does not load, a
-missing data shard) print one line `error: …` and exit with status 2; `--verbosity=1` adds the
-traceback.
+missing data shard) print one line `error: …` and exit with status 2. A run that started and then
+stopped for a stated reason (data mostly broken, no restorable checkpoint, a failed save, a
+non-finite step) prints one line `error: run stopped: …` saying what is intact, and exits with
+status 1. `--verbosity=1` adds the traceback to either.
 """
 
 import difflib
@@ -49,6 +51,7 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "or resumed job skips recompiling (empty: off).")
 
 USAGE_EXIT_CODE = 2
+RUN_STOPPED_EXIT_CODE = 1  # a started run stopped for a stated reason (errors.RunStopped)
 DURATION_FIELDS = ("total_steps", "total_epochs", "total_examples")
 
 
@@ -100,6 +103,23 @@ def usage_error(message: str, argv: Sequence[str] | None = None) -> None:
     traceback.print_exc()
   print(f"error: {' '.join(message.split())}", file=sys.stderr)
   sys.exit(USAGE_EXIT_CODE)
+
+
+def stopped_by(e: BaseException) -> errors.RunStopped | None:
+  """The RunStopped error `e` is or wraps (Grain re-raises its threads' errors), else None."""
+  while e is not None:
+    if isinstance(e, errors.RunStopped):
+      return e
+    e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+  return None
+
+
+def run_stopped(e: errors.RunStopped, argv: Sequence[str] | None = None) -> None:
+  """Prints `error: run stopped: <Type>: <message>` (its message says what is intact), exits 1."""
+  if _wants_traceback(sys.argv if argv is None else argv):
+    traceback.print_exc()
+  print(f"error: run stopped: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+  sys.exit(RUN_STOPPED_EXIT_CODE)
 
 
 def _innermost(e: BaseException) -> BaseException:
@@ -207,6 +227,11 @@ def main(argv):
     summary = train.train_and_evaluate(config, workdir)
   except errors.ConfigError as e:
     usage_error(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    stopped = stopped_by(e)
+    if stopped is None:
+      raise
+    run_stopped(stopped)
   if jax.process_index() == 0:
     print(report.format_run_summary(summary, config, workdir,
                                     wall_seconds=time.perf_counter() - start))

@@ -22,6 +22,7 @@ import numpy as np
 from clu import parameter_overview
 
 from glip_jax import checkpointing
+from glip_jax import errors
 from glip_jax import flops
 from glip_jax import logging as logging_lib
 from glip_jax import progress as progress_lib
@@ -37,7 +38,7 @@ from glip_jax.models import clip as clip_lib
 from glip_jax.models.vit import normalize_images
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.RunStopped, FloatingPointError):
   """Raised when a step produces a non-finite loss or gradient; nothing is saved after it."""
 
 

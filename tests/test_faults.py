@@ -238,6 +238,30 @@ def test_non_finite_origin_names_the_batch_or_the_parameters():
       batch, _State({"w": jnp.array([1.0, jnp.inf])}))
 
 
+# ------------------------------------------------------------------ what the command line says
+
+
+def test_run_stopping_errors_print_one_line_and_exit_1(capsys):
+  from glip_jax import errors  # pylint: disable=g-import-not-at-top
+  from glip_jax import main  # pylint: disable=g-import-not-at-top
+
+  for cls in (pipeline.TooManySkipsError, ck.CheckpointSaveError, ck.CheckpointRestoreError,
+              train.NonFiniteError):
+    assert issubclass(cls, errors.RunStopped), cls
+  inner = pipeline.TooManySkipsError("40 of the last 100 records\n  were skipped")
+  try:
+    raise RuntimeError("a Grain thread failed") from inner  # how Grain re-raises
+  except RuntimeError as e:
+    wrapped = e
+  assert main.stopped_by(wrapped) is inner
+  assert main.stopped_by(ValueError("a bug")) is None
+  with pytest.raises(SystemExit) as exit_info:
+    main.run_stopped(inner, argv=["glip_jax.main"])
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err == (
+      "error: run stopped: TooManySkipsError: 40 of the last 100 records were skipped\n")
+
+
 # ------------------------------------------------------------------ the trainer over the shard
 
 
@@ -281,3 +305,35 @@ def test_training_over_a_bad_shard_counts_exactly_and_survives_kill_9_and_damage
   train.train_and_evaluate(_train_config(shard), killed)
   assert sorted(os.listdir(ck.checkpoint_dir(killed))) == ["4", "8", "8.damaged"]
   test_train._compare_with_straight(killed, straight, total_steps=8)
+
+  # The eval watcher on the straight run with its step-4 checkpoint damaged: step 4 is recorded in
+  # eval/damaged.json and skipped, step 8 (the final one) is evaluated, the watch ends.
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from glip_jax.evaluation import watcher  # pylint: disable=g-import-not-at-top
+  from runs import REPO, command  # pylint: disable=g-import-not-at-top
+
+  _truncate_arrays(os.path.join(ck.checkpoint_dir(straight), "4"))
+  eval_config = _train_config(shard)
+  eval_config.evals = {"shape": demo.get_config().evals.shape}
+  eval_config.evals["shape"].update(batch_size=16, every_steps=4)
+  eval_config.evals["shape"].dataset.synthetic.eval_size = 32
+  results = watcher.run_watcher(eval_config, straight, poll_seconds=0.1, timeout_seconds=120)
+  assert sorted(results) == [8]
+  damaged = json.loads((watcher.eval_dir(straight) / watcher.DAMAGED_FILENAME).read_text())
+  assert list(damaged) == ["4"] and damaged["4"]
+  assert watcher.read_record(straight) == {8}
+
+  # Every checkpoint damaged: the CLI stops with one line naming what it tried (exit status 1),
+  # and sets nothing aside (a restart after a fix finds the same files).
+  _truncate_arrays(os.path.join(ck.checkpoint_dir(killed), "4"))
+  _truncate_arrays(os.path.join(ck.checkpoint_dir(killed), "8"))
+  args, env = command(killed, *(f"--config.{k}={v}" for k, v in _shard_overrides(shard).items()))
+  out = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: run stopped: CheckpointRestoreError: "), last
+  assert "step 8: " in last and "step 4: " in last
+  assert "Traceback" not in out.stderr
+  assert sorted(os.listdir(ck.checkpoint_dir(killed))) == ["4", "8", "8.damaged"]

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from glip_jax import errors
 from glip_jax import sharding as sharding_lib
 from glip_jax.data import config as config_lib
 from glip_jax.data import records
@@ -182,7 +183,7 @@ _log_lock = threading.Lock()
 _logged: set[tuple[str, int]] = set()
 
 
-class TooManySkipsError(RuntimeError):
+class TooManySkipsError(errors.RunStopped, RuntimeError):
   """The data is mostly broken: more records skipped than data.max_skip_fraction allows."""
 
 
