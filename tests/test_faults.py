@@ -218,6 +218,17 @@ def test_no_restorable_checkpoint_is_an_error_and_renames_nothing(tmp_path):
   manager.close()
 
 
+def test_an_unwritable_workdir_fails_before_any_compute(tmp_path):
+  from runs import tiny_config  # pylint: disable=g-import-not-at-top
+
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")  # a workdir below a file: mkdir fails as on a read-only mount
+  with pytest.raises(ck.CheckpointSaveError, match=(
+      r"checkpoints is not writable \(NotADirectoryError.*\): the run cannot start\.")):
+    train.train_and_evaluate(tiny_config(), str(blocker / "run"))
+  assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
 # ------------------------------------------------------------------ non-finite steps
 
 
