@@ -222,7 +222,8 @@ def test_ci_runs_the_suite_the_demo_as_written_and_the_slow_tests():
   demo_index = next(i for i, line in enumerate(lines) if line.startswith("make demo "))
   assert "--workdir" not in lines[demo_index]  # the README's default relative runs/demo
   assert "grep -q \"Run summary: $(pwd)/runs/demo\" /tmp/demo.out" in lines
-  slow = lines.index(".venv/bin/python -m pytest -v -m slow --durations=15 || rc=$?")
+  slow = lines.index((
+      ".venv/bin/python -m pytest -v -m slow -n 2 --dist worksteal --durations=15 || rc=$?"))
   assert lines.index("make test") < demo_index < slow
   # The slow demo test checks that very run rather than training the demo again.
   export = next(i for i, line in enumerate(lines) if line.startswith("export GLIP_DEMO_WORKDIR="))
