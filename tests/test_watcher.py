@@ -84,7 +84,8 @@ def setup(tmp_path_factory):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
              **{checkpointing.TEST_EXIT_ENV: "save:2:written"})
   proc = subprocess.Popen(
-      [sys.executable, "-c", _KILLED_SAVER, os.fspath(killed / "ckpt"), os.fspath(killed / "tree.pkl")],
+      [sys.executable, "-c", _KILLED_SAVER, os.fspath(killed / "ckpt"),
+       os.fspath(killed / "tree.pkl")],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   evaluators = builder.build_evaluators(config, model, mesh)
   direct = {k: builder.run_evaluators(evaluators, p) for k, p in params.items()}
