@@ -2,6 +2,11 @@
 through the pipeline, and the synthetic source from config."""
 
 import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import grain
 import numpy as np
@@ -122,16 +127,69 @@ def _tfds_config(data_dir, **overrides):
   return cfg
 
 
-def test_tfds_source_reads_without_tensorflow(tfds_dir):
-  import sys
+# Run in a fresh interpreter where TF looks installed but every `import tensorflow` (or submodule)
+# raises ImportError and is recorded, whether TF is installed here or not: the trainer, the
+# TensorBoard writer and the TFDS source must neither need TF nor try it (a guarded
+# `try: import tensorflow` would load all of TF wherever it is installed). tensorflow_datasets
+# itself is allowed; it reads array_record files.
+NO_TENSORFLOW = textwrap.dedent("""
+    import importlib.abc, importlib.machinery, json, sys
+    attempts = []
 
+    class Blocked(importlib.abc.Loader):
+      def create_module(self, spec):
+        attempts.append(spec.name)
+        raise ImportError(f"{spec.name} is blocked in this test")
+
+      def exec_module(self, module):  # never reached; a Loader without it fails silently
+        pass
+
+    class NoTensorflow(importlib.abc.MetaPathFinder):
+      # Found (a probe like importlib.util.find_spec sees TF as installed), but not importable.
+      def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+          return importlib.machinery.ModuleSpec(name, Blocked())
+        return None
+
+    sys.meta_path.insert(0, NoTensorflow())
+""")
+
+_READ_TFDS_WITHOUT_TF = NO_TENSORFLOW + textwrap.dedent("""
+    import json
+    from glip_jax import train  # noqa: F401  (the trainer's whole import graph)
+    from glip_jax import logging as glog
+    from glip_jax.data import config as config_lib
+    from glip_jax.data import sources
+    data_dir, workdir = sys.argv[1:]
+    cfg = config_lib.default_data_config()
+    cfg.source = "tfds"
+    cfg.tfds.update(dict(name="tiny_captions", data_dir=data_dir, image_key="image",
+                         text_key="captions", label_key="label"))
+    source = sources.source_from_config(cfg)
+    writer = glog.create_writer(workdir, just_logging=False)
+    writer.write_scalars(1, {"n": len(source)})
+    writer.close()
+    print(json.dumps(dict(n=len(source), captions=source[0]["captions"], label=source[0]["label"],
+                          attempts=attempts, tf_loaded="tensorflow" in sys.modules)))
+""")
+
+
+def test_tfds_source_reads_without_tensorflow(tfds_dir, tmp_path):
   source = sources.source_from_config(_tfds_config(tfds_dir))
   assert len(source) == 12
   record = source[0]
   assert isinstance(record["image_bytes"], bytes)
   i = int(record["captions"][0].split()[1])
   assert record["captions"] == [f"thing {i}", f"item {i}"] and record["label"] == i % 4
-  assert "tensorflow" not in sys.modules
+  proc = subprocess.run(
+      [sys.executable, "-c", _READ_TFDS_WITHOUT_TF, tfds_dir, str(tmp_path)],
+      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), capture_output=True, text=True,
+      timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out == dict(n=12, captions=record["captions"], label=record["label"], attempts=[],
+                     tf_loaded=False)
+  assert os.path.exists(tmp_path / "metrics.jsonl")
 
 
 def test_tfds_errors_name_what_is_missing(tfds_dir, tmp_path):
