@@ -1,6 +1,8 @@
-"""Transforms: decode, RandomResizedCrop statistics and box reporting, flip, centre crop."""
+"""Transforms: decode, RandomResizedCrop statistics and box reporting, flip, centre crop; the
+A-CLIP online augmentation rates (views.online_augment)."""
 
 import io
+import types
 
 import numpy as np
 import pytest
@@ -157,3 +159,53 @@ def test_undecodable_bytes_raise_a_clear_error():
       transforms.random_resized_crop(bad, np.random.default_rng(0), 32)
   with pytest.raises(transforms.UndecodableImageError):
     transforms.decode(good[:100])
+
+
+def test_online_augmentation_rates_within_binomial_bounds(monkeypatch):
+  """Each of the four A-CLIP online augmentations fires at its own rate (SPEC §4)."""
+  from PIL import ImageFilter, ImageOps  # pylint: disable=g-import-not-at-top
+  from glip_jax.data import views  # pylint: disable=g-import-not-at-top
+
+  # Spies that count and then call the real operations (the output is what it would be).
+  fired = {"jitter": 0, "blur": 0, "solarize": 0}
+  radii = []
+  real_jitter = views.color_jitter
+
+  def jitter(pil, rng):
+    fired["jitter"] += 1
+    return real_jitter(pil, rng)
+
+  def blur(radius):
+    fired["blur"] += 1
+    radii.append(radius)
+    return ImageFilter.GaussianBlur(radius=radius)
+
+  def solarize(pil, threshold):
+    fired["solarize"] += 1
+    assert threshold == 128
+    return ImageOps.solarize(pil, threshold)
+
+  monkeypatch.setattr(views, "color_jitter", jitter)
+  monkeypatch.setattr(views, "ImageFilter", types.SimpleNamespace(GaussianBlur=blur))
+  monkeypatch.setattr(views, "ImageOps", types.SimpleNamespace(solarize=solarize))
+  n = 4000
+  rng = np.random.default_rng(0)
+  pil = Image.fromarray(_gradient(8, 8))
+  gray = 0
+  for _ in range(n):
+    out = np.asarray(views.online_augment(pil, rng)).astype(int)
+    # Only the grayscale step makes the channels equal (the jitter's saturation stays >= 0.8).
+    gray += bool(np.all(out[..., 0] == out[..., 1]) and np.all(out[..., 1] == out[..., 2]))
+  rates = {**fired, "gray": gray}
+  expected = {"jitter": views.JITTER_PROB, "gray": views.GRAYSCALE_PROB,
+              "blur": views.BLUR_PROB, "solarize": views.SOLARIZE_PROB}
+  assert expected == {"jitter": 0.8, "gray": 0.2, "blur": 0.1, "solarize": 0.2}  # SPEC §4
+  for name, p in expected.items():
+    # 5 binomial standard deviations: at n=4000 that is ±0.024 for p=0.1 and ±0.032 for p=0.2,
+    # so blur at 0.2 or solarize at 0.1 or 0.3 (or any rate off by ≥ 0.04) is far outside.
+    bound = 5 * np.sqrt(p * (1 - p) / n)
+    assert abs(rates[name] / n - p) < bound, (name, rates[name] / n, p, bound)
+  # Blur radii: uniform on [0.1, 2.0] (mean 1.05, sd 1.9/sqrt(12)), the mean within 5 sd.
+  radii = np.asarray(radii)
+  assert np.all((0.1 <= radii) & (radii <= 2.0))
+  assert abs(radii.mean() - 1.05) < 5 * (1.9 / np.sqrt(12)) / np.sqrt(len(radii))
