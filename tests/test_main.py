@@ -35,7 +35,8 @@ def _metric_lines(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-@pytest.mark.slow  # ~1.5-3 min (with the evaluation): keeps `make test` under 10 minutes; .ci/run runs it
+# ~1-3 min (the evaluation adds ~10%): keeps `make test` under 10 minutes; .ci/run runs it
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   overrides = [f"--config.total_steps={STEPS}", "--config.checkpoint_every_steps=0", *EVALS]
   single = str(tmp_path / "single")
