@@ -54,6 +54,8 @@ _WRITE_WITHOUT_TF = textwrap.dedent("""
 """)
 
 
+# Slow: a fresh interpreter importing jax and clu takes ~6 s on two loaded cores; .ci/run runs it.
+@pytest.mark.slow
 def test_writer_works_with_tensorflow_blocked(tmp_path):
   proc = subprocess.run([sys.executable, "-c", _WRITE_WITHOUT_TF, str(tmp_path)],
                         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),

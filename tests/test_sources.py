@@ -174,6 +174,17 @@ _READ_TFDS_WITHOUT_TF = NO_TENSORFLOW + textwrap.dedent("""
 """)
 
 
+def test_tfds_source_reads(tfds_dir):
+  source = sources.source_from_config(_tfds_config(tfds_dir))
+  assert len(source) == 12
+  record = source[0]
+  assert isinstance(record["image_bytes"], bytes)
+  i = int(record["captions"][0].split()[1])
+  assert record["captions"] == [f"thing {i}", f"item {i}"] and record["label"] == i % 4
+
+
+# Slow: a fresh interpreter importing the trainer takes ~9 s on two loaded cores; .ci/run runs it.
+@pytest.mark.slow
 def test_tfds_source_reads_without_tensorflow(tfds_dir, tmp_path):
   source = sources.source_from_config(_tfds_config(tfds_dir))
   assert len(source) == 12
