@@ -296,6 +296,9 @@ def resolve_step_dir(path: str | os.PathLike[str],
   path = epath.Path(path)
   if step is None and is_complete(path):
     return path, int(path.name)
+  if (path / STATE).exists() and not ocp.step.is_path_finalized(path):
+    raise FileNotFoundError(f"{os.fspath(path)} is a checkpoint save that never finished (killed "
+                            f"mid-write): give a complete step directory, or the workdir.")
   if step is None and (path / STATE).exists():
     return path, None  # a step directory under another name (e.g. a copied checkpoint)
   for directory in (path, checkpoint_dir(path)):

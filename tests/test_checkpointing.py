@@ -216,3 +216,15 @@ def test_sigterm_sets_flag(tmp_path):
   finally:
     flag.uninstall()
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_checkpoint_flag_refuses_a_save_that_never_finished(tmp_path):
+  """--checkpoint=<the temporary directory a killed save left> is an error, not an evaluation of
+  half-written parameters; a complete step directory copied under another name still works."""
+  partial = tmp_path / "2.orbax-checkpoint-tmp-1733"
+  (partial / "state").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match="a checkpoint save that never finished"):
+    ck.resolve_step_dir(partial)
+  copied = tmp_path / "best"
+  (copied / "state").mkdir(parents=True)
+  assert ck.resolve_step_dir(copied) == (copied, None)
