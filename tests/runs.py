@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import textwrap
 
 from configs import demo
 from glip_jax import logging as logging_lib
@@ -59,3 +60,31 @@ def read_losses(workdir: str) -> dict[int, float]:
   if not os.path.exists(path):
     return {}
   return {r["step"]: r["loss"] for r in logging_lib.read_metrics_jsonl(path) if "loss" in r}
+
+
+# The prelude of a `python -c` script in which TF looks installed but every `import tensorflow`
+# (or submodule) raises ImportError and is recorded in `attempts`, whether TF is installed here or
+# not: the trainer, the TensorBoard writer and the TFDS source must neither need TF nor try it (a
+# guarded `try: import tensorflow` would load all of TF wherever it is installed).
+# tensorflow_datasets itself is allowed; it reads array_record files.
+NO_TENSORFLOW = textwrap.dedent("""
+    import importlib.abc, importlib.machinery, json, sys
+    attempts = []
+
+    class Blocked(importlib.abc.Loader):
+      def create_module(self, spec):
+        attempts.append(spec.name)
+        raise ImportError(f"{spec.name} is blocked in this test")
+
+      def exec_module(self, module):  # never reached; a Loader without it fails silently
+        pass
+
+    class NoTensorflow(importlib.abc.MetaPathFinder):
+      # Found (a probe like importlib.util.find_spec sees TF as installed), but not importable.
+      def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+          return importlib.machinery.ModuleSpec(name, Blocked())
+        return None
+
+    sys.meta_path.insert(0, NoTensorflow())
+""")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+import runs
 import tb_events
 from glip_jax import flops
 from glip_jax import logging as glog
@@ -20,30 +21,10 @@ def _scalars(events):
           for e in events for v in e.summary.value if v.HasField("simple_value")}
 
 
-# A fresh interpreter where TF looks installed but every `import tensorflow` (or submodule) raises
-# ImportError and is recorded, whether TF is installed here or not: writing TensorBoard events
-# must neither need TF nor try it (a guarded `try: import tensorflow` would load all of TF
-# wherever it is installed).
-_WRITE_WITHOUT_TF = textwrap.dedent("""
-    import importlib.abc, importlib.machinery, json, sys
-    attempts = []
-
-    class Blocked(importlib.abc.Loader):
-      def create_module(self, spec):
-        attempts.append(spec.name)
-        raise ImportError(f"{spec.name} is blocked in this test")
-
-      def exec_module(self, module):  # never reached; a Loader without it fails silently
-        pass
-
-    class NoTensorflow(importlib.abc.MetaPathFinder):
-      # Found (a probe like importlib.util.find_spec sees TF as installed), but not importable.
-      def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-          return importlib.machinery.ModuleSpec(name, Blocked())
-        return None
-
-    sys.meta_path.insert(0, NoTensorflow())
+# Writing TensorBoard events in a fresh interpreter where `import tensorflow` is blocked and
+# recorded (runs.NO_TENSORFLOW): it must neither need TF nor try it.
+_WRITE_WITHOUT_TF = runs.NO_TENSORFLOW + textwrap.dedent("""
+    import json
     from glip_jax import logging as glog
     writer = glog.create_writer(sys.argv[1], just_logging=False)
     writer.write_hparams({"lr": 0.1})
