@@ -348,5 +348,8 @@ def test_training_over_a_bad_shard_counts_exactly_and_survives_kill_9_and_damage
   index, line = next((i, s) for i, s in enumerate(lines) if s.startswith("error: "))
   assert line.startswith("error: run stopped: CheckpointRestoreError: "), line
   assert "step 8: " in line and "step 4: " in line
-  assert not any("Traceback" in s for s in lines[:index])
+  # Not also raised as a traceback (whose last line would name the class with its module);
+  # libraries' own "Exception ignored" noise in threads is not ours to assert on.
+  assert not any(s.startswith(("glip_jax.checkpointing.CheckpointRestoreError",
+                               "CheckpointRestoreError")) for s in lines), out.stderr[-3000:]
   assert sorted(os.listdir(ck.checkpoint_dir(killed))) == ["4", "8", "8.damaged"]
