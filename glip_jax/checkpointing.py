@@ -296,11 +296,12 @@ def resolve_step_dir(path: str | os.PathLike[str],
   path = epath.Path(path)
   if step is None and is_complete(path):
     return path, int(path.name)
-  if (path / STATE).exists() and not ocp.step.is_path_finalized(path):
-    raise FileNotFoundError(f"{os.fspath(path)} is a checkpoint save that never finished (killed "
-                            f"mid-write): give a complete step directory, or the workdir.")
-  if step is None and (path / STATE).exists():
-    return path, None  # a step directory under another name (e.g. a copied checkpoint)
+  if (path / STATE).exists():
+    if not ocp.step.is_path_finalized(path):
+      raise FileNotFoundError(f"{os.fspath(path)} is a checkpoint save that never finished "
+                              f"(killed mid-write): give a complete step directory, or the workdir.")
+    if step is None:
+      return path, None  # a step directory under another name (e.g. a copied checkpoint)
   for directory in (path, checkpoint_dir(path)):
     steps = all_steps(directory)
     if steps:

@@ -105,13 +105,18 @@ def usage_error(message: str, argv: Sequence[str] | None = None) -> None:
   sys.exit(USAGE_EXIT_CODE)
 
 
+def _chain(e: BaseException) -> list[BaseException]:
+  """`e` and the errors it was raised from or during, outermost first."""
+  chain = [e]
+  while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+    e = e.__cause__ or e.__context__
+    chain.append(e)
+  return chain
+
+
 def stopped_by(e: BaseException) -> errors.RunStopped | None:
   """The RunStopped error `e` is or wraps (Grain re-raises its threads' errors), else None."""
-  while e is not None:
-    if isinstance(e, errors.RunStopped):
-      return e
-    e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
-  return None
+  return next((x for x in _chain(e) if isinstance(x, errors.RunStopped)), None)
 
 
 def run_stopped(e: errors.RunStopped, argv: Sequence[str] | None = None) -> None:
@@ -123,9 +128,7 @@ def run_stopped(e: errors.RunStopped, argv: Sequence[str] | None = None) -> None
 
 
 def _innermost(e: BaseException) -> BaseException:
-  while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
-    e = e.__cause__ or e.__context__
-  return e
+  return _chain(e)[-1]
 
 
 def describe_flag_error(e: BaseException, argv: Sequence[str]) -> str:

@@ -98,8 +98,7 @@ class Emulators:
   """Starts the emulators; `env` holds the client variables; `stop()` ends them."""
 
   def __init__(self, s3: bool = True):
-    self._processes: list[subprocess.Popen] = []
-    self._logs: list[tuple[str, str]] = []
+    self._processes: list[tuple[str, subprocess.Popen, str]] = []  # (name, process, log path)
     self._dirs: list[str] = []
     self.env: dict[str, str] = {
         # No metadata-server probes (it is not on this machine) and no zonal-bucket lookups.
@@ -143,16 +142,15 @@ class Emulators:
     with open(log_path, "w") as log:
       process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                  env={**os.environ, **self.env})
-    self._processes.append(process)
-    self._logs.append((name, log_path))
+    self._processes.append((name, process, log_path))
     _wait(port, process, name, log_path)
 
   def stop(self) -> None:
-    for process, (name, log_path) in zip(self._processes, self._logs):
+    for name, process, log_path in self._processes:
       if process.poll() is not None:  # it died during the tests: say how, for the CI log
         print(f"{name} had exited with {process.returncode}:\n{_tail(log_path)}", file=sys.stderr)
       process.terminate()
-    for process in self._processes:
+    for _, process, _ in self._processes:
       try:
         process.wait(timeout=10)
       except subprocess.TimeoutExpired:

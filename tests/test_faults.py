@@ -2,8 +2,10 @@
 steps. The shard is written with the record writer directly, as a user's own tool would."""
 
 import io
+import json
 import os
 import struct
+import subprocess
 import zlib
 
 import grain
@@ -319,8 +321,6 @@ def test_training_over_a_bad_shard_counts_exactly_and_survives_kill_9_and_damage
 
   # The eval watcher on the straight run with its step-4 checkpoint damaged: step 4 is recorded in
   # eval/damaged.json and skipped, step 8 (the final one) is evaluated, the watch ends.
-  import json  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
   from glip_jax.evaluation import watcher  # pylint: disable=g-import-not-at-top
   from runs import REPO, command  # pylint: disable=g-import-not-at-top
