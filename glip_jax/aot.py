@@ -187,6 +187,53 @@ def largest_buffers(memory_report: str, top: int = 15) -> list[tuple[int, str]]:
   return sorted(rows, key=lambda r: -r[0])[:top]
 
 
+_SIZE_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+# The two ways libtpu says a program cannot fit: its temporaries alone exceed the usable HBM
+# (checked early), or the whole allocation does (after memory-space assignment).
+_HBM_EXHAUSTED_RES = (
+    re.compile(r"required for HLO temporaries \((?P<need>[\d.]+)(?P<nu>[KMGT]?)B?\) exceeds "
+               r"available HBM \((?P<have>[\d.]+)(?P<hu>[KMGT]?)B?\)"),
+    re.compile(r"[Uu]sed (?P<need>[\d.]+)(?P<nu>[KMGT]?)B? of (?P<have>[\d.]+)(?P<hu>[KMGT]?)B? "
+               r"hbm"),
+)
+
+
+class HbmExhaustedError(Exception):
+  """The TPU compiler refused the program: it needs more HBM per chip than the chip has.
+
+  `needed_bytes` is what the compiler said it needs (`what`: 'temporaries' or 'total'),
+  `available_bytes` the chip's usable HBM as libtpu counts it (a little under the nominal size),
+  `argument_bytes` the per-chip train state + batch from their shardings (no compile needed).
+  """
+
+  def __init__(self, message: str, what: str, needed_bytes: int, available_bytes: int,
+               argument_bytes: int, compile_seconds: float):
+    super().__init__(message)
+    self.what, self.needed_bytes, self.available_bytes = what, needed_bytes, available_bytes
+    self.argument_bytes, self.compile_seconds = argument_bytes, compile_seconds
+
+
+def parse_hbm_exhausted(message: str) -> tuple[str, int, int] | None:
+  """(what, needed bytes, available bytes) from libtpu's out-of-HBM compile error, else None."""
+  if "RESOURCE_EXHAUSTED" not in message:
+    return None
+  for what, pattern in zip(("temporaries", "total"), _HBM_EXHAUSTED_RES):
+    m = pattern.search(message)
+    if m:
+      return (what, int(float(m["need"]) * _SIZE_UNITS[m["nu"]]),
+              int(float(m["have"]) * _SIZE_UNITS[m["hu"]]))
+  return None
+
+
+def per_device_bytes(tree: Any) -> int:
+  """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (its shards' sizes)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
 def compile_train_step(config: ml_collections.ConfigDict,
                        devices: Sequence[jax.Device] | None = None,
                        batch_size: int | None = None) -> CompiledStep:
@@ -209,7 +256,16 @@ def compile_train_step(config: ml_collections.ConfigDict,
   batch = abstract_batch(config, method, method_spec, batch_size,
                          sharding_lib.batch_sharding(mesh))
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  lowered = step.lower(state, batch)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    refused = parse_hbm_exhausted(str(e))
+    if refused is None:
+      raise
+    raise HbmExhaustedError(str(e).splitlines()[0], *refused,
+                            argument_bytes=per_device_bytes((state, batch)),
+                            compile_seconds=time.perf_counter() - start) from e
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()

@@ -62,6 +62,18 @@ def test_accumulation_lowers_temporary_memory_on_cpu():
   assert "all-reduce" in full.collectives and "collective-permute" not in full.collectives
 
 
+def test_hbm_exhausted_messages_are_parsed():
+  """Both forms of libtpu's out-of-HBM compile error (as printed by libtpu 0.0.42)."""
+  early = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (27.50G) exceeds available HBM (15.75G).")
+  assert aot.parse_hbm_exhausted(early) == ("temporaries", int(27.5 * 2 ** 30), int(15.75 * 2 ** 30))
+  late = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+          "hbm. Used 20.47G of 15.75G hbm. Exceeded hbm capacity by 4.72G.")
+  assert aot.parse_hbm_exhausted(late) == ("total", int(20.47 * 2 ** 30), int(15.75 * 2 ** 30))
+  assert aot.parse_hbm_exhausted("RESOURCE_EXHAUSTED: out of host memory") is None
+  assert aot.parse_hbm_exhausted("INVALID_ARGUMENT: Used 1G of 2G hbm") is None
+
+
 def test_unknown_topology_and_generation():
   with pytest.raises(ValueError, match=r"--topology='v9x:2x2': unknown TPU generation 'v9x'"):
     fit_report.chip_of("v9x:2x2")
@@ -84,6 +96,18 @@ def test_demo_config_compiles_for_a_v5e_2x2_slice():
   assert r["alias_gib"] == pytest.approx(r["output_gib"], rel=0.01)
   assert set(r["collectives"]) <= {"all-gather", "all-reduce", "reduce-scatter"}
   assert 0.7 < r["xla_tflops"] / r["analytic_tflops"] < 1.5
+  # 32,768 per chip: the [B_local, B] logits alone are 16 GiB, so libtpu refuses to compile. The
+  # report answers "does not fit" with the compiler's number instead of crashing (which would also
+  # end --find_max_batch at its first too-large batch).
+  big = fit_report.report(config, "v5e:2x2", 131072, 16.0)
+  assert not big["fits"] and "RESOURCE_EXHAUSTED" in big["refused"]
+  assert big["needed_gib"] > big["usable_hbm_gib"] > 15 and big["margin_gib"] < 0
+  # The refused report's arguments come from the shardings, not the compiler: they must differ
+  # from the compiled report's by about the larger per-chip batch (uint8 32×32×3 images + 16
+  # int32 tokens = 3,136 bytes an example; measured 3,099: XLA's count for the small batch
+  # includes TPU tile padding, the shapes' count does not).
+  per_example = (big["argument_gib"] - r["argument_gib"]) * 2 ** 30 / ((131072 - 32) / 4)
+  assert 3000 <= per_example < 3300, per_example
 
 
 def test_compilation_cache_persists_executables(tmp_path):

@@ -60,17 +60,29 @@ def report(config, topology: str, batch_size: int, hbm_gib: float | None) -> dic
   from glip_jax import aot
   import jax
   devices = jax.devices() if topology == "cpu" else aot.tpu_devices(topology)
-  result = aot.compile_train_step(config, devices, batch_size)
-  if _HLO_OUT is not None and _HLO_OUT.value:
-    with open(_HLO_OUT.value, "w") as f:
-      f.write(result.hlo_text)
   out = dict(
       method=config.method, topology=topology, chips=len(devices), batch_size=batch_size,
       per_chip_batch=batch_size / len(devices), variant=config.model.image.variant,
       dtype=config.model.dtype, masking=f"{config.masking.kind}:{config.masking.ratio}",
       loss_impl=config.loss.get("impl", "dense"),
       accum_steps=config.optim.get("accum_steps", 1), remat=bool(config.model.remat),
-      remat_policy=config.model.get("remat_policy", "none"),
+      remat_policy=config.model.get("remat_policy", "none"))
+  try:
+    result = aot.compile_train_step(config, devices, batch_size)
+  except aot.HbmExhaustedError as e:
+    # Not a crash: the answer to "does it fit?" is no, with the compiler's own number. No FLOPs
+    # or collectives: the compiler stops before it has a program.
+    needed = e.needed_bytes + (e.argument_bytes if e.what == "temporaries" else 0)
+    out.update(refused=str(e), argument_gib=e.argument_bytes / GIB,
+               needed_gib=needed / GIB, needed_is_lower_bound=e.what == "temporaries",
+               usable_hbm_gib=e.available_bytes / GIB, hbm_gib=hbm_gib, fits=False,
+               margin_gib=(hbm_gib if hbm_gib is not None else e.available_bytes / GIB)
+               - needed / GIB, compile_seconds=e.compile_seconds)
+    return out
+  if _HLO_OUT is not None and _HLO_OUT.value:
+    with open(_HLO_OUT.value, "w") as f:
+      f.write(result.hlo_text)
+  out.update(
       argument_gib=result.argument_bytes / GIB, temp_gib=result.temp_bytes / GIB,
       output_gib=result.output_bytes / GIB, alias_gib=result.alias_bytes / GIB,
       total_gib=result.total_bytes / GIB, hbm_gib=hbm_gib,
@@ -89,6 +101,14 @@ def print_report(r: dict) -> None:
         f"loss={r['loss_impl']} accum={r['accum_steps']} remat={r['remat']} "
         f"remat_policy={r['remat_policy']} on {r['topology']} ({r['chips']} chips), "
         f"global batch {r['batch_size']} ({r['per_chip_batch']:g}/chip)")
+  if "refused" in r:
+    bound = "at least " if r["needed_is_lower_bound"] else ""
+    print(f"DOES NOT FIT: the TPU compiler refused it ({r['refused']})")
+    print(f"  per chip it needs {bound}{r['needed_gib']:.3f} GiB ({r['argument_gib']:.3f} of "
+          f"arguments + temporaries) of {r['usable_hbm_gib']:.3f} GiB usable "
+          f"(margin {r['margin_gib']:+.3f} GiB)")
+    print(f"compile time: {r['compile_seconds']:.1f} s")
+    return
   print("per chip        GiB")
   for name in ("argument", "temp", "output"):
     print(f"  {name:<12} {r[name + '_gib']:8.3f}")
@@ -119,7 +139,8 @@ def find_max_batch(config, topology: str, hbm_gib: float, quantum: int,
   def fits(batch):
     r = report(config, topology, batch, hbm_gib)
     tried.append(r)
-    print(f"  batch {batch:7d}: total {r['total_gib']:.3f} GiB -> "
+    total = r.get("total_gib", r.get("needed_gib"))
+    print(f"  batch {batch:7d}: total {'≥ ' if 'refused' in r else ''}{total:.3f} GiB -> "
           f"{'fits' if r['fits'] else 'does not fit'}", flush=True)
     return r["fits"]
 
