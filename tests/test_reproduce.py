@@ -150,9 +150,13 @@ def test_the_grid_has_every_selection_kind_and_the_papers_ratios():
   assert set(keys[5:]) == set(reproduce.masking.SCORES) - {"random", "gaussian", "attentive"}
   runs = reproduce.plan(methods, seeds=3, uncentred=["clip", "flip", "glip"])
   train = [r for r in runs if r.phase == "train"]
-  # Per seed: centred 1 + 3 + 3 + 2 + 4 other kinds = 13, uncentred 1 + 3 + 3 = 7.
-  assert len(train) == 3 * 20
-  assert len(runs) - len(train) == 3 * (10 + 6)  # tuning for the masked CLIP-method runs
+  # Per seed: centred 1 + 3 + 3 + 2 + 4 other kinds = 13, uncentred CLIP + FLIP/GLIP at 0.5 = 3.
+  assert len(train) == 3 * 16
+  assert len(runs) - len(train) == 3 * (10 + 2)  # tuning for the masked CLIP-method runs
+  assert {(r.method.key, r.ratio) for r in train if r.data == "uncentred"} == {
+      ("clip", 0.0), ("flip", 0.5), ("glip", 0.5)}
+  every_ratio = reproduce.plan(methods, 3, ["clip", "flip", "glip"], uncentred_ratios=None)
+  assert len([r for r in every_ratio if r.phase == "train"]) == 3 * 20
   assert {r.ratio for r in train if r.method.key == "glip"} == {0.5, 0.75, 0.918}
   sizes = reproduce.Sizes()
   glip_run = next(r for r in train if r.method.key == "glip")
