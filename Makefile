@@ -30,7 +30,9 @@ benchmark: $(VENV)
 	$(BIN)/python tools/benchmark.py --config=configs/demo.py
 
 # The papers' masking claims on the synthetic scenes: every strategy, three ratios, three seeds →
-# docs/experiments.md (~40 min on an idle 2-core CPU; finished runs in runs/reproduce are skipped).
+# docs/experiments.md (90 min measured on an idle 2-core CPU; finished runs in runs/reproduce are
+# skipped; REPRODUCE_FLAGS=--deadline_min=60 stops starting runs after an hour, by which the
+# priority order has run CLIP/FLIP/GLIP at 0.5 and 0.918, A-CLIP and the uncentred rows).
 REPRODUCE_FLAGS ?=  # e.g. REPRODUCE_FLAGS=--quick (1 seed, CLIP and GLIP 50%) or --seeds=5
 .PHONY: reproduce
 reproduce: $(VENV)
