@@ -148,8 +148,11 @@ def collective_stats(hlo_text: str) -> dict[str, CollectiveStats]:
 
   XLA:TPU clones one all-gather into each "async collective fusion" that consumes it: the clones
   keep the original's channel id, so distinct channel ids count the collectives the program really
-  performs and `instructions` the raw HLO lines. Counts are static: a collective inside a loop body
-  (the ring loss) counts once, although it runs once per iteration.
+  performs and `instructions` the raw HLO lines. Collective-permutes are the exception: XLA:TPU
+  gives every permute of the ring loss's loops the same channel id (1) although they move
+  different arrays (text blocks, their running max, sum and argmax), so each permute instruction
+  counts as one. Counts are static: a collective inside a loop body (the ring loss) counts once,
+  although it runs once per iteration.
   """
   seen: dict[str, dict[str, int]] = {}
   lines: dict[str, int] = {}
@@ -158,7 +161,8 @@ def collective_stats(hlo_text: str) -> dict[str, CollectiveStats]:
       continue
     op = match["op"]
     channel = _CHANNEL_RE.search(match["rest"])
-    key = channel.group(1) if channel else f"line{match.start()}"
+    key = (channel.group(1) if channel and op != "collective-permute"
+           else f"line{match.start()}")
     nbytes = sum(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
                  for dtype, dims in _ARRAY_RE.findall(match["shape"]))
     seen.setdefault(op, {})[key] = nbytes

@@ -24,7 +24,8 @@ ENTRY %main {
   %all-gather.7 = s32[4,1,128]{2,1,0:T(1,128)S(1)} all-gather(%b), channel_id=100, dimensions={0}
   %all-reduce-start.2 = (f32[96]{0}, f32[64,96]{1,0}) all-reduce-start(%x, %y), channel_id=6
   %all-reduce-done.2 = (f32[96]{0}, f32[64,96]{1,0}) all-reduce-done(%all-reduce-start.2)
-  %collective-permute.1 = f32[4,8]{1,0} collective-permute(%z), channel_id=9, pairs={{0,1}}
+  %collective-permute.1 = f32[4,8]{1,0} collective-permute(%z), channel_id=1, pairs={{0,1}}
+  %collective-permute.2 = s32[4]{0} collective-permute(%w), channel_id=1, pairs={{0,1}}
 }
 """
 
@@ -36,7 +37,8 @@ def test_collective_stats_counts_distinct_channels_and_result_bytes():
   # The async pair counts once, at -done, with every array of its tuple result.
   assert stats["all-reduce"] == aot.CollectiveStats(count=1, bytes=(96 + 64 * 96) * 4,
                                                     instructions=1)
-  assert stats["collective-permute"] == aot.CollectiveStats(1, 4 * 8 * 4, 1)
+  # Permutes share channel 1 in the ring loss's loops (as XLA:TPU emits them): each one counts.
+  assert stats["collective-permute"] == aot.CollectiveStats(2, 4 * 8 * 4 + 4 * 4, 2)
   assert set(stats) == {"all-gather", "all-reduce", "collective-permute"}
 
 
