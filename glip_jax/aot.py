@@ -61,8 +61,12 @@ def tpu_devices(topology: str) -> list[jax.Device]:
   # libtpu takes a machine-wide lock file (/tmp/libtpu_lockfile) so that two processes cannot
   # drive one TPU; describing a slice drives none, so parallel compiles (tests, reports) may share.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # v4 and v5p chips have two TensorCores. jax runs them as one device per chip ("megacore", as on
+  # a real v4 VM) and its meshes require that; libtpu describes v4 per core unless told.
+  megacore = {"chip_config_name": "megacore"} if topology.split(":")[0] == "v4" else {}
   try:
-    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                             **megacore).devices)
   except Exception as e:  # libtpu missing or an unknown topology name; say which
     raise ValueError(f"--topology={topology!r}: libtpu cannot describe it ({e}); install the "
                      f"'aot' extra (pip install -e '.[aot]') and use names like v5e:2x2, "

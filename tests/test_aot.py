@@ -112,6 +112,17 @@ def test_demo_config_compiles_for_a_v5e_2x2_slice():
   assert 3000 <= per_example < 3300, per_example
 
 
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (the 'aot' extra: pip install -e '.[aot]'); "
+                           "it describes TPU slices on a CPU-only host")
+def test_v4_slices_are_described_one_device_per_chip():
+  """libtpu describes v4 per TensorCore by default, which jax's TPU meshes reject; megacore."""
+  devices = aot.tpu_devices("v4:2x2x1")
+  assert len(devices) == 4 and {d.core_on_chip for d in devices} == {0}
+  assert len({tuple(d.coords) for d in devices}) == 4
+  assert len(aot.tpu_devices("v5p:2x2x1")) == 4  # v5p is described per chip already
+
+
 def test_compilation_cache_persists_executables(tmp_path):
   import jax
   import jax.numpy as jnp
