@@ -206,7 +206,9 @@ def test_make_targets_run_the_readme_commands():
   lines = _make_n("demo", "WORKDIR=runs/other", "DEMO_FLAGS=--config.total_steps=100")
   assert (".venv/bin/python -m glip_jax.main --config=configs/demo.py --workdir=runs/other "
           "--config.total_steps=100") in lines
-  assert ".venv/bin/python -m pytest -q" in _make_n("test")
+  # Two xdist workers by default (CI's two cores); PYTEST_WORKERS=0 runs in-process.
+  assert ".venv/bin/python -m pytest -q -n 2 --dist worksteal" in _make_n("test")
+  assert ".venv/bin/python -m pytest -q -n 0 --dist worksteal" in _make_n("test", "PYTEST_WORKERS=0")
   assert ".venv/bin/python -m pytest -q -m slow" in _make_n("test-slow")
   assert ".venv/bin/python tools/benchmark.py --config=configs/demo.py" in _make_n("benchmark")
   # Every target installs from the lock first (the README's "exact tested versions").
